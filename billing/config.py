@@ -1,0 +1,138 @@
+"""Settings from the environment (a `.env` file in the working directory may add defaults)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlparse
+
+DEFAULT_TPAGA_API_URL = "https://sandbox.tpaga.co/api/"
+DEFAULT_DATABASE_URL = "sqlite:///billing.db"
+DEFAULT_BROKER_URL = "sqla+sqlite:///celery-broker.db"
+LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
+
+
+class ConfigError(ValueError):
+    """Raised when a setting is missing or malformed; the message names the variable."""
+
+
+def _load_dotenv() -> None:
+    path = Path.cwd() / ".env"
+    if path.is_file():
+        from dotenv import load_dotenv
+
+        load_dotenv(path, override=False)
+
+
+def validate_api_url(url: str) -> str:
+    """Require https except for loopback hosts; return the URL with a trailing slash."""
+    parsed = urlparse(url)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        raise ConfigError(f"TPAGA_API_URL must be an http(s) URL, got {url!r}")
+    host = parsed.hostname
+    is_loopback = host in LOOPBACK_HOSTS or host.startswith("127.")
+    if parsed.scheme != "https" and not is_loopback:
+        raise ConfigError("TPAGA_API_URL must use https unless it points at a loopback address")
+    return url if url.endswith("/") else url + "/"
+
+
+def _int(env: dict[str, str], name: str, default: int, minimum: int = 0) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be an integer, got {raw!r}") from None
+    if value < minimum:
+        raise ConfigError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def _float(env: dict[str, str], name: str, default: float, minimum: float = 0.0) -> float:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number, got {raw!r}") from None
+    if value < minimum:
+        raise ConfigError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def _days(env: dict[str, str], name: str, default: tuple[int, ...]) -> tuple[int, ...]:
+    raw = env.get(name)
+    if not raw:
+        return default
+    try:
+        days = tuple(int(part) for part in raw.split(",") if part.strip())
+    except ValueError:
+        raise ConfigError(f"{name} must be comma-separated whole days, e.g. 1,3,5,7; got {raw!r}") from None
+    if not days or any(d <= 0 for d in days) or list(days) != sorted(set(days)):
+        raise ConfigError(f"{name} must be strictly increasing positive days, got {raw!r}")
+    return days
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every knob of the worker. Secrets are excluded from repr."""
+
+    database_url: str = DEFAULT_DATABASE_URL
+    broker_url: str = DEFAULT_BROKER_URL
+    tpaga_api_url: str = DEFAULT_TPAGA_API_URL
+    tpaga_private_key: str | None = field(default=None, repr=False)
+    tpaga_public_key: str | None = field(default=None, repr=False)
+    refund_window: str = "24h"
+    timezone: str = "America/Bogota"
+    dunning_retry_days: tuple[int, ...] = (1, 3, 5, 7)
+    dunning_final_action: str = "unpaid"
+    clock: str = "system"
+    connect_timeout_seconds: float = 3.05
+    read_timeout_seconds: float = 20.0
+    sending_lease_seconds: int = 300
+    gateway_rate_limit_per_second: float = 0.0
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None) -> Settings:
+        if environ is None:
+            _load_dotenv()
+            env = dict(os.environ)
+        else:
+            env = dict(environ)
+        refund_window = env.get("BILLING_REFUND_WINDOW", "24h") or "24h"
+        if refund_window not in ("24h", "same_day"):
+            raise ConfigError(f"BILLING_REFUND_WINDOW must be '24h' or 'same_day', got {refund_window!r}")
+        final_action = env.get("BILLING_DUNNING_FINAL_ACTION", "unpaid") or "unpaid"
+        if final_action not in ("unpaid", "canceled"):
+            raise ConfigError(
+                f"BILLING_DUNNING_FINAL_ACTION must be 'unpaid' or 'canceled', got {final_action!r}"
+            )
+        clock = env.get("BILLING_CLOCK", "system") or "system"
+        if clock not in ("system", "database"):
+            raise ConfigError(f"BILLING_CLOCK must be 'system' or 'database', got {clock!r}")
+        tz = env.get("BILLING_TIMEZONE", "America/Bogota") or "America/Bogota"
+        try:
+            from zoneinfo import ZoneInfo
+
+            ZoneInfo(tz)
+        except Exception:
+            raise ConfigError(f"BILLING_TIMEZONE is not a known time zone: {tz!r}") from None
+        return cls(
+            database_url=env.get("DATABASE_URL") or DEFAULT_DATABASE_URL,
+            broker_url=env.get("CELERY_BROKER_URL") or DEFAULT_BROKER_URL,
+            tpaga_api_url=validate_api_url(env.get("TPAGA_API_URL") or DEFAULT_TPAGA_API_URL),
+            tpaga_private_key=env.get("TPAGA_PRIVATE_KEY") or None,
+            tpaga_public_key=env.get("TPAGA_PUBLIC_KEY") or None,
+            refund_window=refund_window,
+            timezone=tz,
+            dunning_retry_days=_days(env, "BILLING_DUNNING_RETRY_DAYS", (1, 3, 5, 7)),
+            dunning_final_action=final_action,
+            clock=clock,
+            connect_timeout_seconds=_float(env, "TPAGA_CONNECT_TIMEOUT", 3.05, 0.01),
+            read_timeout_seconds=_float(env, "TPAGA_READ_TIMEOUT", 20.0, 0.01),
+            sending_lease_seconds=_int(env, "BILLING_SENDING_LEASE_SECONDS", 300, 1),
+            gateway_rate_limit_per_second=_float(env, "TPAGA_RATE_LIMIT", 0.0, 0.0),
+        )

@@ -1,0 +1,84 @@
+"""Shared fixtures: real services when present, clear skips when not.
+
+Set BILLING_TEST_REQUIRE_SERVICES=1 (CI does) to turn "service not available" skips into failures.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from collections.abc import Iterator
+from urllib.parse import quote
+
+import pytest
+
+REQUIRE_SERVICES = os.environ.get("BILLING_TEST_REQUIRE_SERVICES") == "1"
+PG_URL = os.environ.get("BILLING_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+REDIS_URL = os.environ.get("BILLING_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+def service_missing(what: str, why: str) -> None:
+    """Skip the test with a clear reason, or fail it when services are required."""
+    message = f"{what} is not available ({why})"
+    if REQUIRE_SERVICES:
+        pytest.fail(message + " and BILLING_TEST_REQUIRE_SERVICES=1 requires it", pytrace=False)
+    pytest.skip(message + "; set BILLING_TEST_REQUIRE_SERVICES=1 to make this a failure")
+
+
+def _tcp_open(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=1.0):
+            return True
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def postgres_server_url() -> str:
+    """The base PostgreSQL URL, after checking that the server answers."""
+    try:
+        import psycopg
+    except ImportError as exc:  # pragma: no cover - psycopg is a dependency
+        service_missing("PostgreSQL", f"psycopg not importable: {exc}")
+    conninfo = PG_URL.replace("postgresql+psycopg://", "postgresql://")
+    try:
+        with psycopg.connect(conninfo, connect_timeout=2) as conn:
+            conn.execute("select 1")
+    except Exception as exc:
+        service_missing("PostgreSQL", f"{PG_URL.split('@')[-1]}: {type(exc).__name__}")
+    return PG_URL
+
+
+@pytest.fixture
+def pg_url(postgres_server_url: str) -> Iterator[str]:
+    """A PostgreSQL URL whose search_path is a fresh schema, dropped after the test."""
+    import psycopg
+
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    conninfo = postgres_server_url.replace("postgresql+psycopg://", "postgresql://")
+    with psycopg.connect(conninfo, autocommit=True) as conn:
+        conn.execute(f'create schema "{schema}"')
+    sep = "&" if "?" in postgres_server_url else "?"
+    yield f"{postgres_server_url}{sep}options={quote(f'-csearch_path={schema}')}"
+    with psycopg.connect(conninfo, autocommit=True) as conn:
+        conn.execute(f'drop schema "{schema}" cascade')
+
+
+@pytest.fixture(scope="session")
+def redis_server_url() -> str:
+    """A Redis URL after checking that the server answers PING."""
+    import redis
+
+    try:
+        client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2)
+        client.ping()
+    except Exception as exc:
+        service_missing("Redis", f"{REDIS_URL}: {type(exc).__name__}")
+    return REDIS_URL
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: object) -> str:
+    """A SQLite file URL in the test's temporary directory."""
+    return f"sqlite:///{tmp_path}/billing.db"
