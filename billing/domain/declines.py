@@ -1,4 +1,7 @@
-"""Decline classification from Tpaga's errorCode (tpaga-api.md section 4). Key on the code, never the message."""
+"""Decline classification from Tpaga's errorCode (tpaga-api.md section 4).
+
+Key on the code, never on the message.
+"""
 
 from __future__ import annotations
 

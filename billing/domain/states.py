@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from enum import StrEnum
+from typing import TypeVar
 
 
 class SubscriptionStatus(StrEnum):
@@ -44,9 +46,7 @@ class CardStatus(StrEnum):
     UNUSABLE = "unusable"  # hard decline or failed validation: never charge again
 
 
-TERMINAL_ATTEMPT_STATES = frozenset(
-    {AttemptState.APPROVED, AttemptState.DECLINED, AttemptState.NOT_SENT}
-)
+TERMINAL_ATTEMPT_STATES = frozenset({AttemptState.APPROVED, AttemptState.DECLINED, AttemptState.NOT_SENT})
 
 ATTEMPT_TRANSITIONS: dict[AttemptState, frozenset[AttemptState]] = {
     AttemptState.PENDING: frozenset({AttemptState.SENDING, AttemptState.NOT_SENT}),
@@ -71,6 +71,9 @@ INVOICE_TRANSITIONS: dict[InvoiceState, frozenset[InvoiceState]] = {
 }
 
 
-def can_transition(table: dict[StrEnum, frozenset[StrEnum]] | dict, old: StrEnum, new: StrEnum) -> bool:  # type: ignore[type-arg]
+S = TypeVar("S", bound=StrEnum)
+
+
+def can_transition(table: Mapping[S, frozenset[S]], old: S, new: S) -> bool:
     """True when `old -> new` is an allowed change in `table`."""
     return new in table.get(old, frozenset())
