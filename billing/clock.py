@@ -52,18 +52,3 @@ class TestClock:
                 raise ValueError("a clock never goes backwards")
             self._now = when
             return self._now
-
-
-class OffsetClock:
-    """System time plus an offset (seconds) read through a callable, e.g. from the database."""
-
-    def __init__(self, offset_seconds: "OffsetSource", base: Clock | None = None) -> None:
-        self._offset = offset_seconds
-        self._base = base or SystemClock()
-
-    def now(self) -> datetime:
-        return self._base.now() + timedelta(seconds=self._offset())
-
-
-class OffsetSource(Protocol):
-    def __call__(self) -> float: ...
