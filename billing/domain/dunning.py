@@ -1,0 +1,174 @@
+"""The dunning policy: what to do with an invoice after a declined charge."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from enum import StrEnum
+from itertools import pairwise
+
+from billing.domain.declines import DeclineClass
+from billing.domain.states import SubscriptionStatus
+
+FINAL_ACTIONS: dict[str, SubscriptionStatus] = {
+    "unpaid": SubscriptionStatus.UNPAID,
+    "canceled": SubscriptionStatus.CANCELED,
+}
+
+
+class Action(StrEnum):
+    RETRY = "retry"  # charge the same card again at retry_at
+    UNCOLLECTIBLE = "uncollectible"  # retries exhausted: close the invoice unpaid
+    AWAIT_NEW_CARD = "await_new_card"  # hard decline: never charge this card again
+    PAUSE_MERCHANT = "pause_merchant"  # our misconfiguration: stop charging and alert
+    REVIEW = "review"  # the outcome is unknown: no charge until resolved
+
+
+@dataclass(frozen=True)
+class DunningPolicy:
+    """When to retry a soft-declined invoice and what happens to the subscription at the end.
+
+    `retry_days` are days after the invoice's FIRST failure, strictly increasing and positive;
+    an invoice gets `1 + len(retry_days)` charges in all. `final_action` ("unpaid" or
+    "canceled") is the subscription's status once the retries are exhausted.
+    """
+
+    retry_days: tuple[int, ...] = (1, 3, 5, 7)
+    final_action: str = "unpaid"
+
+    def __post_init__(self) -> None:
+        days = self.retry_days
+        if not isinstance(days, tuple):
+            raise ValueError(f"retry_days must be a tuple of whole days, got {type(days).__name__}")
+        if any(isinstance(d, bool) or not isinstance(d, int) for d in days):
+            raise ValueError(f"retry_days must be whole days (int), got {days!r}")
+        if any(d <= 0 for d in days) or any(a >= b for a, b in pairwise(days)):
+            raise ValueError(f"retry_days must be strictly increasing positive days, got {days!r}")
+        if self.final_action not in FINAL_ACTIONS:
+            raise ValueError(f"final_action must be 'unpaid' or 'canceled', got {self.final_action!r}")
+
+    @property
+    def final_status(self) -> SubscriptionStatus:
+        """The subscription status once the retries are exhausted."""
+        return FINAL_ACTIONS[self.final_action]
+
+    @property
+    def max_soft_failures(self) -> int:
+        """Soft declines an invoice may collect before it is uncollectible."""
+        return len(self.retry_days) + 1
+
+
+@dataclass(frozen=True)
+class DunningDecision:
+    """What the caller must apply after an attempt failed.
+
+    `retry_at` is set only for `Action.RETRY`. `subscription_status` None means leave the
+    subscription as it is. `card_unusable` marks the card never to be charged again.
+    `counts_as_attempt` is False when the customer's dunning attempts were not spent.
+    """
+
+    action: Action
+    retry_at: datetime | None
+    subscription_status: SubscriptionStatus | None
+    card_unusable: bool
+    counts_as_attempt: bool
+
+    def __post_init__(self) -> None:
+        if (self.action is Action.RETRY) != (self.retry_at is not None):
+            raise ValueError(f"retry_at must be set exactly when the action is retry: {self!r}")
+        if self.retry_at is not None:
+            _require_aware("retry_at", self.retry_at)
+
+
+_MERCHANT_PAUSE = DunningDecision(
+    action=Action.PAUSE_MERCHANT,
+    retry_at=None,
+    subscription_status=None,
+    card_unusable=False,
+    counts_as_attempt=False,
+)
+
+# An unknown outcome may still turn out approved; it is decided again once a lookup or an
+# operator resolves it, so it spends nothing now.
+_REVIEW = DunningDecision(
+    action=Action.REVIEW,
+    retry_at=None,
+    subscription_status=None,
+    card_unusable=False,
+    counts_as_attempt=False,
+)
+
+_HARD = DunningDecision(
+    action=Action.AWAIT_NEW_CARD,
+    retry_at=None,
+    subscription_status=SubscriptionStatus.PAST_DUE,
+    card_unusable=True,
+    counts_as_attempt=True,
+)
+
+
+def _require_aware(name: str, value: datetime) -> None:
+    if not isinstance(value, datetime):
+        raise ValueError(f"{name} must be a datetime, got {type(value).__name__}")
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise ValueError(f"{name} must be timezone-aware, got naive {value.isoformat()}")
+
+
+def decide_after_decline(
+    policy: DunningPolicy,
+    decline_class: DeclineClass,
+    *,
+    first_failure_at: datetime,
+    soft_failures: int,
+    now: datetime,
+) -> DunningDecision:
+    """The decision after a declined (or unknown) charge of one invoice.
+
+    `soft_failures` counts this invoice's soft declines INCLUDING the one just recorded.
+    Soft: retry at first_failure_at + retry_days[soft_failures - 1] (or now, if that is past),
+    subscription past_due; once retries are exhausted the invoice is uncollectible and the
+    subscription takes the policy's final status. Hard: wait for a new card. Merchant: pause,
+    spending none of the customer's attempts. Unknown: review. Approved is not a decline and
+    raises ValueError.
+    """
+    try:
+        klass = DeclineClass(decline_class)
+    except ValueError:
+        raise ValueError(f"unknown decline class {decline_class!r}") from None
+    _require_aware("first_failure_at", first_failure_at)
+    _require_aware("now", now)
+    if isinstance(soft_failures, bool) or not isinstance(soft_failures, int) or soft_failures < 0:
+        raise ValueError(f"soft_failures must be an int >= 0, got {soft_failures!r}")
+
+    if klass is DeclineClass.APPROVED:
+        raise ValueError("an approved charge is not a decline; there is nothing to dun")
+    if klass is DeclineClass.MERCHANT:
+        return _MERCHANT_PAUSE
+    if klass is DeclineClass.UNKNOWN:
+        return _REVIEW
+    if klass is DeclineClass.HARD:
+        return _HARD
+
+    if soft_failures < 1:
+        raise ValueError("soft_failures must include the soft decline just recorded (>= 1), got 0")
+    if soft_failures > len(policy.retry_days):
+        return DunningDecision(
+            action=Action.UNCOLLECTIBLE,
+            retry_at=None,
+            subscription_status=policy.final_status,
+            card_unusable=False,
+            counts_as_attempt=True,
+        )
+    retry_at = first_failure_at + timedelta(days=policy.retry_days[soft_failures - 1])
+    return DunningDecision(
+        action=Action.RETRY,
+        retry_at=max(retry_at, now).astimezone(UTC),
+        subscription_status=SubscriptionStatus.PAST_DUE,
+        card_unusable=False,
+        counts_as_attempt=True,
+    )
+
+
+def decide_after_unauthorized() -> DunningDecision:
+    """The decision after Tpaga answered 401: our keys are wrong, so pause like a merchant decline."""
+    return _MERCHANT_PAUSE
