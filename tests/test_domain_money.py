@@ -114,7 +114,7 @@ def test_adding_or_subtracting_different_currencies_raises() -> None:
 
 def test_adding_a_number_to_money_is_a_type_error() -> None:
     with pytest.raises(TypeError):
-        Money(1, "COP") + 1
+        Money(1, "COP") + 1  # type: ignore[operator]
 
 
 def test_money_is_frozen_and_hashable() -> None:

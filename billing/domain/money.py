@@ -113,13 +113,13 @@ class Money:
         if other.currency != self.currency:
             raise MoneyError(f"cannot {operation} {self.currency} and {other.currency}: currencies differ")
 
-    def __add__(self, other: object) -> Money:
+    def __add__(self, other: Money) -> Money:
         if not isinstance(other, Money):
             return NotImplemented
         self._same_currency(other, "add")
         return Money(self.amount_minor + other.amount_minor, self.currency)
 
-    def __sub__(self, other: object) -> Money:
+    def __sub__(self, other: Money) -> Money:
         if not isinstance(other, Money):
             return NotImplemented
         self._same_currency(other, "subtract")
