@@ -178,6 +178,8 @@ def due_period_indexes(
     many are returned (the oldest ones), so a caller catching up in batches resumes where it
     stopped by passing the next index.
     """
+    _require_aware("anchor", anchor)
+    _require_aware("now", now)
     _require_int("next_index", next_index, 0)
     if limit is not None:
         _require_int("limit", limit, 0)
