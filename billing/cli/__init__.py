@@ -14,9 +14,10 @@ def main() -> None:
 
 
 def _register() -> None:
-    from billing.cli import sandbox
+    from billing.cli import db, sandbox
 
     main.add_command(sandbox.sandbox)
+    main.add_command(db.db)
 
 
 _register()
