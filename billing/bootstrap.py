@@ -1,0 +1,56 @@
+"""Wiring: build engine, sessions, gateway, clock and policy from Settings, once per process."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from billing.clock import Clock, SystemClock
+from billing.config import ConfigError, Settings
+from billing.db.control import DatabaseClock
+from billing.db.engine import make_engine, make_session_factory
+from billing.domain.dunning import DunningPolicy
+from billing.services.context import Context, Gateway, Publisher
+
+
+def build_clock(settings: Settings, sessions: sessionmaker[Session]) -> Clock:
+    """The system clock, or the database-shared test clock (`BILLING_CLOCK=database`) for demos and tests."""
+    return DatabaseClock(sessions) if settings.clock == "database" else SystemClock()
+
+
+def build_gateway(settings: Settings) -> Gateway:
+    from billing.gateway import TpagaClient
+
+    if not settings.tpaga_private_key:
+        raise ConfigError("TPAGA_PRIVATE_KEY is not set")
+    return TpagaClient(
+        settings.tpaga_api_url,
+        settings.tpaga_private_key,
+        settings.tpaga_public_key,
+        connect_timeout_seconds=settings.connect_timeout_seconds,
+        read_timeout_seconds=settings.read_timeout_seconds,
+    )
+
+
+def build_context(
+    settings: Settings,
+    *,
+    engine: Engine | None = None,
+    gateway: Gateway | None = None,
+    clock: Clock | None = None,
+    publisher: Publisher | None = None,
+) -> Context:
+    engine = engine or make_engine(settings.database_url)
+    sessions = make_session_factory(engine)
+    return Context(
+        sessions=sessions,
+        gateway=gateway if gateway is not None else build_gateway(settings),
+        clock=clock or build_clock(settings, sessions),
+        policy=DunningPolicy(retry_days=settings.dunning_retry_days, final_action=settings.dunning_final_action),
+        timezone=settings.timezone,
+        refund_window=settings.refund_window,
+        sending_lease=timedelta(seconds=settings.sending_lease_seconds),
+        publisher=publisher,
+    )

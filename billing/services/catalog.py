@@ -1,0 +1,229 @@
+"""Plans, customers, cards and subscriptions."""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime, timedelta
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from billing.db.models import Card, Customer, Invoice, Plan, Subscription
+from billing.domain.money import Money, MoneyError
+from billing.domain.periods import Interval, period_boundary, trial_end
+from billing.domain.states import CardStatus, InvoiceState, SubscriptionStatus
+from billing.services import events
+from billing.services.context import Context, enqueue
+from billing.services.errors import InvalidRequest, NotFound
+
+_GRACE = timedelta(minutes=5)
+PLAN_CODE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+def create_plan(
+    ctx: Context,
+    *,
+    code: str,
+    name: str,
+    amount: Money,
+    interval: str = "month",
+    interval_count: int = 1,
+    trial_days: int = 0,
+) -> int:
+    """Create a plan; amounts are exact minor units. COP plans must be whole pesos (Tpaga charges whole COP)."""
+    if not isinstance(code, str) or not PLAN_CODE.match(code):
+        raise InvalidRequest("plan code must be 1-64 characters of letters, digits, '_', '.', '-'")
+    try:
+        Interval(interval)
+    except ValueError:
+        raise InvalidRequest(f"interval must be one of day, week, month, year; got {interval!r}") from None
+    if isinstance(interval_count, bool) or not isinstance(interval_count, int) or not 1 <= interval_count <= 120:
+        raise InvalidRequest("interval_count must be a whole number from 1 to 120")
+    if isinstance(trial_days, bool) or not isinstance(trial_days, int) or not 0 <= trial_days <= 730:
+        raise InvalidRequest("trial_days must be a whole number from 0 to 730")
+    if amount.amount_minor <= 0:
+        raise InvalidRequest("plan amount must be positive")
+    if amount.currency == "COP" and amount.amount_minor % 100:
+        raise InvalidRequest("COP amounts must be whole pesos")
+    now = ctx.clock.now()
+    with ctx.unit_of_work() as session:
+        if session.execute(select(Plan.id).where(Plan.code == code)).first():
+            raise InvalidRequest(f"a plan with code {code!r} already exists")
+        plan = Plan(
+            code=code,
+            name=name or code,
+            amount_minor=amount.amount_minor,
+            currency=amount.currency,
+            interval=interval,
+            interval_count=interval_count,
+            trial_days=trial_days,
+            created_at=now,
+        )
+        session.add(plan)
+        session.flush()
+        return plan.id
+
+
+def money_from_input(amount: str, currency: str) -> Money:
+    """Parse a user's amount like '45000' or '45000.00' exactly."""
+    try:
+        return Money.from_major(amount, currency.upper())
+    except (MoneyError, ArithmeticError, ValueError) as exc:
+        raise InvalidRequest(str(exc)) from None
+
+
+def create_customer(
+    ctx: Context,
+    *,
+    email: str | None = None,
+    first_name: str | None = None,
+    last_name: str | None = None,
+    merchant_customer_id: str | None = None,
+) -> int:
+    """Create the customer at Tpaga, then here; idempotent on merchant_customer_id."""
+    if merchant_customer_id is not None:
+        with ctx.sessions() as session:
+            existing = session.execute(
+                select(Customer.id).where(Customer.merchant_customer_id == merchant_customer_id)
+            ).scalar_one_or_none()
+        if existing is not None:
+            return existing
+    remote = ctx.gateway.create_customer(
+        first_name=first_name, last_name=last_name, email=email, merchant_customer_id=merchant_customer_id
+    )
+    now = ctx.clock.now()
+    with ctx.unit_of_work() as session:
+        customer = Customer(
+            tpaga_customer_id=remote.id,
+            merchant_customer_id=merchant_customer_id,
+            email=email,
+            first_name=first_name,
+            last_name=last_name,
+            created_at=now,
+        )
+        session.add(customer)
+        session.flush()
+        return customer.id
+
+
+def attach_card(ctx: Context, *, customer_id: int, token: str) -> int:
+    """Associate a card from a temporary token; a usable card retries the customer's waiting invoices now."""
+    if not isinstance(token, str) or not token.strip():
+        raise InvalidRequest("token must be a non-empty string")
+    with ctx.sessions() as session:
+        customer = session.get(Customer, customer_id)
+        if customer is None:
+            raise NotFound(f"customer {customer_id} does not exist")
+        if not customer.tpaga_customer_id:
+            raise InvalidRequest(f"customer {customer_id} has no Tpaga customer id")
+        tpaga_customer_id = customer.tpaga_customer_id
+    remote = ctx.gateway.associate_card(tpaga_customer_id, token)
+    now = ctx.clock.now()
+    usable = remote.validation_successful is not False
+    with ctx.unit_of_work() as session:
+        card = Card(
+            customer_id=customer_id,
+            tpaga_card_id=remote.id,
+            brand=remote.brand,
+            last_four=remote.last_four,
+            exp_month=remote.expiration_month,
+            exp_year=remote.expiration_year,
+            status=CardStatus.USABLE if usable else CardStatus.UNUSABLE,
+            unusable_code=None if usable else remote.validation_error_code,
+            created_at=now,
+        )
+        session.add(card)
+        session.flush()
+        events.record(session, now, "card.attached", card_id=card.id, usable=usable)
+        if usable:
+            _retry_waiting_invoices(session, ctx, customer_id, card.id)
+        return card.id
+
+
+def _retry_waiting_invoices(session: Session, ctx: Context, customer_id: int, card_id: int) -> None:
+    """Point live subscriptions at the new card and charge their open invoices at once."""
+    now = ctx.clock.now()
+    live = (SubscriptionStatus.TRIALING, SubscriptionStatus.ACTIVE, SubscriptionStatus.PAST_DUE)
+    subs = session.execute(
+        select(Subscription).where(Subscription.customer_id == customer_id, Subscription.status.in_(live))
+    ).scalars()
+    for sub in subs:
+        sub.card_id = card_id
+        sub.updated_at = now
+        invoices = session.execute(
+            select(Invoice.id).where(Invoice.subscription_id == sub.id, Invoice.state == InvoiceState.OPEN)
+        ).scalars()
+        for invoice_id in invoices:
+            # Compare-and-set: only invoices still open are rescheduled; in-flight attempts are untouched
+            # because an attempt row, not due_at, is what blocks a second charge.
+            result = session.execute(
+                update(Invoice)
+                .where(Invoice.id == invoice_id, Invoice.state == InvoiceState.OPEN)
+                .values(due_at=now, updated_at=now)
+            )
+            if result.rowcount:  # type: ignore[attr-defined]
+                enqueue(session, now, "billing.charge_invoice", invoice_id=invoice_id)
+                events.record(session, now, "invoice.retry_new_card", subscription_id=sub.id, invoice_id=invoice_id)
+
+
+def subscribe(
+    ctx: Context,
+    *,
+    customer_id: int,
+    plan_id: int,
+    card_id: int | None = None,
+    anchor_at: datetime | None = None,
+    trial_days: int | None = None,
+) -> int:
+    """Start a subscription; the first period starts at the anchor (the trial's end when there is a trial)."""
+    now = ctx.clock.now()
+    with ctx.unit_of_work() as session:
+        customer = session.get(Customer, customer_id)
+        if customer is None:
+            raise NotFound(f"customer {customer_id} does not exist")
+        plan = session.get(Plan, plan_id)
+        if plan is None:
+            raise NotFound(f"plan {plan_id} does not exist")
+        if card_id is None:
+            card_id = session.execute(
+                select(Card.id)
+                .where(Card.customer_id == customer_id, Card.status == CardStatus.USABLE)
+                .order_by(Card.id.desc())
+                .limit(1)
+            ).scalar_one_or_none()
+            if card_id is None:
+                raise InvalidRequest(f"customer {customer_id} has no usable card")
+        else:
+            card = session.get(Card, card_id)
+            if card is None or card.customer_id != customer_id:
+                raise NotFound(f"card {card_id} does not belong to customer {customer_id}")
+            if card.status != CardStatus.USABLE:
+                raise InvalidRequest(f"card {card_id} is not usable")
+        days = plan.trial_days if trial_days is None else trial_days
+        if isinstance(days, bool) or not isinstance(days, int) or not 0 <= days <= 730:
+            raise InvalidRequest("trial_days must be a whole number from 0 to 730")
+        trial_end_at = trial_end(now, days, ctx.timezone) if days else None
+        if anchor_at is not None:
+            if anchor_at.tzinfo is None:
+                raise InvalidRequest("anchor_at must carry a time zone")
+            if anchor_at < now - _GRACE:
+                raise InvalidRequest("anchor_at must not be in the past")
+            anchor = anchor_at
+        else:
+            anchor = trial_end_at or now
+        sub = Subscription(
+            customer_id=customer_id,
+            plan_id=plan_id,
+            card_id=card_id,
+            status=SubscriptionStatus.TRIALING if trial_end_at else SubscriptionStatus.ACTIVE,
+            anchor_at=anchor,
+            next_period_index=0,
+            next_billing_at=period_boundary(anchor, 0, Interval(plan.interval), plan.interval_count, ctx.timezone),
+            trial_end_at=trial_end_at,
+            created_at=now,
+            updated_at=now,
+        )
+        session.add(sub)
+        session.flush()
+        events.record(session, now, "subscription.created", subscription_id=sub.id, plan=plan.code)
+        return sub.id

@@ -1,0 +1,106 @@
+"""What every use case needs, passed in: sessions, gateway, clock and policy. Built once per process."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import timedelta
+from decimal import Decimal
+from typing import Any, Protocol
+
+from sqlalchemy import update
+from sqlalchemy.orm import Session, sessionmaker
+
+from billing.clock import Clock
+from billing.db.models import OutboxMessage
+from billing.domain.dunning import DunningPolicy
+
+log = logging.getLogger("billing.services")
+
+OUTBOX_KEY = "billing.outbox_ids"
+
+
+class Gateway(Protocol):
+    """The subset of `billing.gateway.TpagaClient` the services use (a fake implements it in tests)."""
+
+    def create_customer(self, **fields: Any) -> Any: ...
+    def associate_card(self, customer_id: str, temp_token: str) -> Any: ...
+    def charge(
+        self, *, card_id: str, amount: Decimal, currency: str, order_id: str, description: str | None = None
+    ) -> Any: ...
+    def get_charge(self, charge_id: str) -> Any: ...
+    def refund(self, charge_id: str) -> Any: ...
+
+
+class Publisher(Protocol):
+    """Sends one task intent to the broker (or runs it in-process)."""
+
+    def publish(self, task_name: str, kwargs: dict[str, Any]) -> None: ...
+
+
+class DropPublisher:
+    """Marks intents delivered without sending: for `billing tick`, whose scans find the work anyway."""
+
+    def publish(self, task_name: str, kwargs: dict[str, Any]) -> None:
+        return None
+
+
+@dataclass
+class Context:
+    sessions: sessionmaker[Session]
+    gateway: Gateway
+    clock: Clock
+    policy: DunningPolicy = field(default_factory=DunningPolicy)
+    timezone: str = "America/Bogota"
+    refund_window: str = "24h"
+    # Our approval time trails Tpaga's by the response latency; keep a margin inside its window.
+    refund_safety_margin: timedelta = timedelta(minutes=5)
+    sending_lease: timedelta = timedelta(minutes=5)
+    not_sent_backoff: timedelta = timedelta(seconds=60)
+    publisher: Publisher | None = None
+    on_commit_hooks: list[Callable[[], None]] = field(default_factory=list)
+
+    @contextmanager
+    def unit_of_work(self) -> Iterator[Session]:
+        """One transaction; task intents written in it are published right after it commits."""
+        with self.sessions() as session:
+            with session.begin():
+                yield session
+            ids: list[int] = session.info.pop(OUTBOX_KEY, [])
+        if ids:
+            self.publish_outbox(ids)
+
+    def publish_outbox(self, ids: list[int]) -> int:
+        """Publish the given outbox rows (best effort; the relay catches what fails)."""
+        if self.publisher is None:
+            return 0
+        published: list[int] = []
+        with self.sessions() as session:
+            rows = session.query(OutboxMessage).filter(OutboxMessage.id.in_(ids)).all()
+        for row in rows:
+            if row.published_at is not None:
+                continue
+            try:
+                self.publisher.publish(row.task_name, dict(row.kwargs))
+            except Exception as exc:  # the relay will retry; never lose the state change for a publish
+                log.warning("publish of outbox %s (%s) failed: %s", row.id, row.task_name, type(exc).__name__)
+                continue
+            published.append(row.id)
+        if published:
+            with self.sessions() as session, session.begin():
+                session.execute(
+                    update(OutboxMessage)
+                    .where(OutboxMessage.id.in_(published), OutboxMessage.published_at.is_(None))
+                    .values(published_at=self.clock.now())
+                )
+        return len(published)
+
+
+def enqueue(session: Session, now: Any, task_name: str, **kwargs: Any) -> None:
+    """Write a task intent in the caller's transaction (ids only: never secrets)."""
+    row = OutboxMessage(task_name=task_name, kwargs=kwargs, created_at=now, published_at=None)
+    session.add(row)
+    session.flush()
+    session.info.setdefault(OUTBOX_KEY, []).append(row.id)

@@ -1,0 +1,245 @@
+"""Reconciliation: expire stuck attempts, resolve unknown ones by lookup, and the operator's review queue."""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from billing.db.models import ChargeAttempt, Invoice
+from billing.domain.declines import DeclineClass, classify
+from billing.domain.states import AttemptState, InvoiceState
+from billing.gateway import errors as gw
+from billing.services import events
+from billing.services.charging import _cas, apply_decline, mark_invoice_paid, mark_unknown
+from billing.services.context import Context
+from billing.services.errors import InvalidRequest, NotFound
+
+log = logging.getLogger("billing.reconcile")
+
+
+def expire_stuck_attempts(ctx: Context, limit: int = 500) -> dict[str, int]:
+    """Attempts whose worker died: `pending` never left (not_sent, retried); `sending` may have charged."""
+    now = ctx.clock.now()
+    counts = {"not_sent": 0, "unknown": 0}
+    with ctx.unit_of_work() as session:
+        rows = session.execute(
+            select(ChargeAttempt.id, ChargeAttempt.invoice_id, ChargeAttempt.state)
+            .where(
+                ChargeAttempt.state.in_((AttemptState.PENDING, AttemptState.SENDING)),
+                ChargeAttempt.lease_expires_at <= now,
+            )
+            .limit(limit)
+        ).all()
+        for attempt_id, invoice_id, state in rows:
+            if state == AttemptState.PENDING:
+                if _cas(
+                    session,
+                    ChargeAttempt,
+                    attempt_id,
+                    (AttemptState.PENDING,),
+                    state=AttemptState.NOT_SENT,
+                    error_message="worker lost before sending",
+                    finished_at=now,
+                    lease_expires_at=None,
+                ):
+                    _cas(session, Invoice, invoice_id, (InvoiceState.OPEN,), due_at=now, updated_at=now)
+                    events.record(session, now, "attempt.abandoned", invoice_id=invoice_id, attempt_id=attempt_id)
+                    counts["not_sent"] += 1
+            elif mark_unknown(session, now, invoice_id, attempt_id, "lease_expired", None, None):
+                counts["unknown"] += 1
+    return counts
+
+
+def resolve_unknown_by_lookup(ctx: Context, limit: int = 100) -> dict[str, int]:
+    """Unknown attempts that carry a Tpaga charge id are settled with a GET; the rest wait for an operator."""
+    with ctx.sessions() as session:
+        rows = session.execute(
+            select(ChargeAttempt.id, ChargeAttempt.invoice_id, ChargeAttempt.tpaga_charge_id)
+            .where(ChargeAttempt.state == AttemptState.UNKNOWN, ChargeAttempt.tpaga_charge_id.is_not(None))
+            .limit(limit)
+        ).all()
+    counts = {"approved": 0, "declined": 0, "still_unknown": 0}
+    for attempt_id, invoice_id, charge_id in rows:
+        try:
+            charge = ctx.gateway.get_charge(charge_id)
+        except gw.TpagaError as exc:
+            log.info("lookup of attempt %s failed: %s", attempt_id, type(exc).__name__)
+            counts["still_unknown"] += 1
+            continue
+        outcome = settle_from_charge(ctx, invoice_id, attempt_id, charge, by="lookup")
+        counts[outcome] = counts.get(outcome, 0) + 1
+    return counts
+
+
+def settle_from_charge(ctx: Context, invoice_id: int, attempt_id: int, charge: Any, *, by: str) -> str:
+    """Apply what Tpaga says about a charge to an unknown attempt."""
+    now = ctx.clock.now()
+    code = charge.error_code
+    klass = classify(code)
+    with ctx.unit_of_work() as session:
+        if charge.paid and klass == DeclineClass.APPROVED:
+            if not _cas(
+                session,
+                ChargeAttempt,
+                attempt_id,
+                (AttemptState.UNKNOWN,),
+                state=AttemptState.APPROVED,
+                tpaga_charge_id=charge.id,
+                error_code=code,
+                decline_class=DeclineClass.APPROVED,
+                authorization_code=charge.authorization_code,
+                approved_at=now,
+                finished_at=now,
+            ):
+                return "still_unknown"
+            mark_invoice_paid(session, now, invoice_id, attempt_id)
+            events.record(
+                session,
+                now,
+                "attempt.resolved",
+                invoice_id=invoice_id,
+                attempt_id=attempt_id,
+                outcome="approved",
+                by=by,
+            )
+            return "approved"
+        if klass == DeclineClass.UNKNOWN:
+            return "still_unknown"
+        if not _cas(
+            session,
+            ChargeAttempt,
+            attempt_id,
+            (AttemptState.UNKNOWN,),
+            state=AttemptState.DECLINED,
+            tpaga_charge_id=charge.id,
+            error_code=code,
+            decline_class=klass,
+            finished_at=now,
+        ):
+            return "still_unknown"
+        # The invoice leaves review so that dunning can act on the decline.
+        _cas(
+            session,
+            Invoice,
+            invoice_id,
+            (InvoiceState.REVIEW,),
+            state=InvoiceState.OPEN,
+            review_reason=None,
+            updated_at=now,
+        )
+        apply_decline(ctx, session, now, invoice_id, attempt_id, code, klass)
+        events.record(
+            session,
+            now,
+            "attempt.resolved",
+            invoice_id=invoice_id,
+            attempt_id=attempt_id,
+            outcome="declined",
+            by=by,
+        )
+        return "declined"
+
+
+def review_queue(session: Session, limit: int = 100) -> list[dict[str, Any]]:
+    """Invoices waiting for an operator, with the attempt that blocks them."""
+    rows = session.execute(
+        select(Invoice, ChargeAttempt)
+        .outerjoin(
+            ChargeAttempt,
+            (ChargeAttempt.invoice_id == Invoice.id) & (ChargeAttempt.state == AttemptState.UNKNOWN),
+        )
+        .where(Invoice.state == InvoiceState.REVIEW)
+        .order_by(Invoice.updated_at)
+        .limit(limit)
+    ).all()
+    return [
+        {
+            "invoice_id": inv.id,
+            "subscription_id": inv.subscription_id,
+            "amount_minor": inv.amount_minor,
+            "currency": inv.currency,
+            "reason": inv.review_reason,
+            "attempt_id": att.id if att else None,
+            "order_id": att.order_id if att else None,
+            "tpaga_charge_id_known": bool(att and att.tpaga_charge_id),
+            "since": inv.updated_at.isoformat(),
+        }
+        for inv, att in rows
+    ]
+
+
+def resolve_review(ctx: Context, *, invoice_id: int, charged: bool, tpaga_charge_id: str | None = None) -> str:
+    """An operator settles a review item: charged (verified by a GET on the given charge id) or not charged."""
+    with ctx.sessions() as session:
+        invoice = session.get(Invoice, invoice_id)
+        if invoice is None:
+            raise NotFound(f"invoice {invoice_id} does not exist")
+        if invoice.state != InvoiceState.REVIEW:
+            raise InvalidRequest(f"invoice {invoice_id} is not in review (state {invoice.state})")
+        attempt = session.execute(
+            select(ChargeAttempt).where(
+                ChargeAttempt.invoice_id == invoice_id, ChargeAttempt.state == AttemptState.UNKNOWN
+            )
+        ).scalar_one_or_none()
+    if charged:
+        if not tpaga_charge_id:
+            raise InvalidRequest("resolving as charged needs the Tpaga charge id")
+        if attempt is None:
+            raise InvalidRequest(f"invoice {invoice_id} has no unknown attempt to settle")
+        try:
+            charge = ctx.gateway.get_charge(tpaga_charge_id)
+        except gw.NotFoundError:
+            raise InvalidRequest("Tpaga has no charge with that id") from None
+        if charge.order_id != attempt.order_id:
+            raise InvalidRequest("that charge belongs to another order, not to this invoice's attempt")
+        if not charge.paid:
+            raise InvalidRequest("Tpaga says that charge is not paid; resolve as not charged instead")
+        return settle_from_charge(ctx, invoice_id, attempt.id, charge, by="operator")
+    now = ctx.clock.now()
+    with ctx.unit_of_work() as session:
+        if attempt is not None:
+            _cas(
+                session,
+                ChargeAttempt,
+                attempt.id,
+                (AttemptState.UNKNOWN,),
+                state=AttemptState.NOT_SENT,
+                error_message="operator: not charged",
+                finished_at=now,
+            )
+        # Dunning resumes where it was: the next try is now, and no customer attempt was spent.
+        _cas(
+            session,
+            Invoice,
+            invoice_id,
+            (InvoiceState.REVIEW,),
+            state=InvoiceState.OPEN,
+            due_at=now,
+            review_reason=None,
+            updated_at=now,
+        )
+        events.record(
+            session,
+            now,
+            "review.resolved",
+            invoice_id=invoice_id,
+            attempt_id=attempt.id if attempt else None,
+            charged=False,
+        )
+    return "not_charged"
+
+
+def due_invoice_ids(session: Session, now: datetime, limit: int = 1000) -> list[int]:
+    """Open invoices whose attempt time has come (first tries, dunning retries, lost messages)."""
+    return list(
+        session.execute(
+            select(Invoice.id)
+            .where(Invoice.state == InvoiceState.OPEN, Invoice.due_at.is_not(None), Invoice.due_at <= now)
+            .order_by(Invoice.due_at)
+            .limit(limit)
+        ).scalars()
+    )
