@@ -1,0 +1,95 @@
+"""When a failed Tpaga call may be sent again, and how long to wait first (seconds-scale, via tenacity).
+
+The rule (design.md invariant 3): a request that provably never left is always safe to send again; one that
+may have reached Tpaga is sent again only when the call is idempotent (reads, refunds). A charge POST that may
+have reached Tpaga is never sent again: Tpaga has no idempotency key and no charge search, so a second send
+can charge the customer twice. 4xx answers and declines are never retried here (declines are dunning's job).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt, stop_before_delay
+
+from billing.gateway.errors import NotSentError, OutcomeUnknownError
+from billing.gateway.operations import Operation
+
+__all__ = ["Operation", "RandomSource", "backoff_seconds", "build_retrying", "should_retry"]
+
+logger = logging.getLogger("billing.gateway")
+
+RETRYABLE_UNKNOWN_REASONS = frozenset({"timeout", "dropped", "server_error"})
+BACKOFF_BASE_SECONDS = 0.25
+BACKOFF_CAP_SECONDS = 2.0
+
+
+class RandomSource(Protocol):
+    """Anything with `random()` in [0, 1), such as `random.Random`; tests pass a fixed one."""
+
+    def random(self) -> float: ...
+
+
+def should_retry(operation: Operation[Any], error: BaseException) -> bool:
+    """Whether `operation` may be sent again after failing with `error`."""
+    if isinstance(error, NotSentError):
+        return True
+    if isinstance(error, OutcomeUnknownError):
+        return operation.idempotent and error.reason in RETRYABLE_UNKNOWN_REASONS
+    return False
+
+
+def backoff_seconds(
+    attempt: int,
+    rng: RandomSource,
+    *,
+    base_seconds: float = BACKOFF_BASE_SECONDS,
+    cap_seconds: float = BACKOFF_CAP_SECONDS,
+) -> float:
+    """Seconds to wait after failed attempt number `attempt` (1-based): exponential with equal jitter.
+
+    Half of the exponential step is fixed and half is random, so clients that failed together spread out
+    without any of them retrying immediately.
+    """
+    if attempt < 1:
+        raise ValueError("attempt numbers start at 1")
+    step = min(cap_seconds, base_seconds * 2.0 ** (attempt - 1))
+    return step / 2 + step / 2 * rng.random()
+
+
+def build_retrying(
+    operation: Operation[Any],
+    *,
+    attempts: int,
+    max_seconds: float,
+    rng: RandomSource,
+    sleep: Callable[[float], None],
+) -> Retrying:
+    """A tenacity controller for one call: bounded attempts and total time, jittered backoff, one WARNING per
+    retry naming the operation, the attempt number and the error class (never ids, keys or URLs)."""
+
+    def wait(state: RetryCallState) -> float:
+        return backoff_seconds(state.attempt_number, rng)
+
+    def log_retry(state: RetryCallState) -> None:
+        error = state.outcome.exception() if state.outcome is not None else None
+        reason = getattr(error, "reason", None)
+        logger.warning(
+            "tpaga %s attempt %d failed with %s%s; retrying in %.2fs",
+            operation.name,
+            state.attempt_number,
+            type(error).__name__,
+            f" ({reason})" if isinstance(reason, str) else "",
+            state.upcoming_sleep,
+        )
+
+    return Retrying(
+        stop=stop_after_attempt(attempts) | stop_before_delay(max_seconds),
+        wait=wait,
+        retry=retry_if_exception(lambda error: should_retry(operation, error)),
+        before_sleep=log_retry,
+        sleep=sleep,
+        reraise=True,
+    )
