@@ -1,0 +1,285 @@
+"""Request bodies in, typed requests out, or ValidationFailed with Tpaga's 422 entries (tpaga-api.md section 2).
+
+JSON is parsed with `parse_float=Decimal`, so numbers arrive here as int or Decimal and never pass through float.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+
+from billing.sandbox.cards import luhn_ok, mask
+from billing.sandbox.errors import FieldError, ValidationFailed
+
+CUSTOMER = "Customer"
+CARD = "CreditCard"
+TOKEN = "CreditCardToken"
+CHARGE = "CreditCardCharge"
+REFUND = "CreditCardRefund"
+
+MAX_AMOUNT = Decimal("1000000000000")  # far above any real COP charge; keeps arithmetic and output sane
+CENT = Decimal("0.01")
+_EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
+_GENDERS = frozenset({"M", "F", "N/A"})
+
+
+def _no_constants(name: str) -> object:
+    raise ValueError(f"{name} is not JSON")
+
+
+def parse_json(raw: bytes, charset: str | None, obj: str) -> dict[str, Any]:
+    """The body as a JSON object; anything else is a 422 on the body itself."""
+    try:
+        text = raw.decode(charset or "utf-8")
+        body = json.loads(text, parse_float=Decimal, parse_constant=_no_constants)
+    except (LookupError, ValueError) as exc:
+        shown_body = raw[:80].decode("utf-8", "replace")
+        raise ValidationFailed.one(obj, "body", shown_body, f"the body must be JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise ValidationFailed.one(obj, "body", body, "the body must be a JSON object")
+    return body
+
+
+class _Fields:
+    """Collects every field error of one body so a client sees them all at once."""
+
+    def __init__(self, obj: str, body: dict[str, Any]) -> None:
+        self.obj = obj
+        self.body = body
+        self.errors: list[FieldError] = []
+
+    def fail(self, field: str, value: object, message: str) -> None:
+        self.errors.append(FieldError(self.obj, field, value, message))
+
+    def check(self) -> None:
+        if self.errors:
+            raise ValidationFailed(*self.errors)
+
+    def optional_str(self, field: str) -> str | None:
+        value = self.body.get(field)
+        if value is None or isinstance(value, str):
+            return value
+        self.fail(field, value, "must be a string")
+        return None
+
+    def required_str(self, field: str) -> str:
+        value = self.body.get(field)
+        if isinstance(value, str) and value.strip():
+            return value
+        self.fail(field, value, "is required" if value in (None, "") else "must be a string")
+        return ""
+
+    def money(self, field: str, *, required: bool) -> Decimal:
+        value = self.body.get(field)
+        if value is None:
+            if required:
+                self.fail(field, value, "is required")
+            return Decimal(0)
+        if isinstance(value, bool) or not isinstance(value, int | Decimal):
+            self.fail(field, value, "must be a JSON number")
+            return Decimal(0)
+        amount = Decimal(value)
+        if required and amount <= 0:
+            self.fail(field, value, "must be greater than 0")
+        elif amount < 0:
+            self.fail(field, value, "must not be negative")
+        elif amount >= MAX_AMOUNT:
+            self.fail(field, value, "is too large")
+        elif amount != amount.quantize(CENT):
+            self.fail(field, value, "must have at most two decimals")
+        return amount.quantize(CENT)
+
+
+@dataclass(frozen=True, slots=True)
+class CustomerRequest:
+    fields: dict[str, object]
+
+
+_CUSTOMER_STRINGS = ("firstName", "lastName", "email", "gender", "phone", "legalIdNumber", "merchantCustomerId")
+
+
+def customer_request(body: dict[str, Any]) -> CustomerRequest:
+    f = _Fields(CUSTOMER, body)
+    fields: dict[str, object] = {name: f.optional_str(name) for name in _CUSTOMER_STRINGS}
+    email = fields["email"]
+    if isinstance(email, str) and not _EMAIL.match(email):
+        f.fail("email", email, "must be a valid email address")
+    gender = fields["gender"]
+    if isinstance(gender, str) and gender not in _GENDERS:
+        f.fail("gender", gender, "must be one of M, F, N/A")
+    fields["address"] = _address(f, body.get("address"))
+    f.check()
+    return CustomerRequest(fields)
+
+
+def _address(f: _Fields, value: object) -> dict[str, object] | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        f.fail("address", value, "must be an object")
+        return None
+    out: dict[str, object] = {}
+    for name in ("addressLine1", "addressLine2", "postalCode"):
+        out[name] = _nested_str(f, f"address.{name}", value.get(name))
+    city = value.get("city")
+    if city is None:
+        out["city"] = None
+    elif isinstance(city, dict):
+        out["city"] = {n: _nested_str(f, f"address.city.{n}", city.get(n)) for n in ("name", "state", "country")}
+    else:
+        f.fail("address.city", city, "must be an object")
+        out["city"] = None
+    return out
+
+
+def _nested_str(f: _Fields, field: str, value: object) -> str | None:
+    if value is None or isinstance(value, str):
+        return value
+    f.fail(field, value, "must be a string")
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class TokenizeRequest:
+    number: str
+    expiration_month: int
+    expiration_year: int
+    holder_name: str
+    extra: dict[str, str | None]
+
+
+_CARD_EXTRA = (
+    "cardHolderLegalIdNumber",
+    "cardHolderLegalIdType",
+    "addressLine1",
+    "addressLine2",
+    "addressCity",
+    "addressState",
+    "addressPostalCode",
+    "addressCountry",
+)
+
+
+def tokenize_request(body: dict[str, Any]) -> TokenizeRequest:
+    """Shape checks only; the expiry against the clock is the state's job."""
+    f = _Fields(TOKEN, body)
+    raw_number = body.get("primaryAccountNumber")
+    number = ""
+    if not isinstance(raw_number, str) or not raw_number.strip():
+        message = "is required" if raw_number in (None, "") else "must be a string of digits"
+        f.fail("primaryAccountNumber", _masked(raw_number), message)
+    else:
+        # Card forms (jQuery.payment) group digits with spaces; the digits are what count.
+        number = raw_number.replace(" ", "").replace("-", "")
+        if not number.isdigit() or not 12 <= len(number) <= 19:
+            f.fail("primaryAccountNumber", mask(number), "must be 12 to 19 digits")
+        elif not luhn_ok(number):
+            f.fail("primaryAccountNumber", mask(number), "is not a valid card number (Luhn check)")
+    month = _small_int(f, "expirationMonth", body.get("expirationMonth"), 1, 12, digits=(1, 2))
+    year = _small_int(f, "expirationYear", body.get("expirationYear"), 1000, 9999, digits=(4, 4))
+    holder = f.required_str("cardHolderName")
+    cvc = body.get("cvc")
+    if cvc is not None:
+        text = str(cvc) if isinstance(cvc, int) and not isinstance(cvc, bool) else cvc
+        if not isinstance(text, str) or not text.isdigit() or not 3 <= len(text) <= 4:
+            f.fail("cvc", "***", "must be 3 or 4 digits")
+    extra = {name: f.optional_str(name) for name in _CARD_EXTRA}
+    f.check()
+    return TokenizeRequest(number, month, year, holder, extra)
+
+
+def _masked(value: object) -> object:
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    return mask(value) if isinstance(value, str) else value
+
+
+def _small_int(f: _Fields, field: str, value: object, low: int, high: int, digits: tuple[int, int]) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        text = str(value)
+    elif isinstance(value, str):
+        text = value.strip()
+    else:
+        f.fail(field, value, "is required" if value is None else "must be a string of digits")
+        return 0
+    if not text.isdigit() or not digits[0] <= len(text) <= digits[1] or not low <= int(text) <= high:
+        f.fail(field, value, f"must be a number from {low} to {high}")
+        return 0
+    return int(text)
+
+
+@dataclass(frozen=True, slots=True)
+class AssociateRequest:
+    token: str
+    skip_legal_id_check: bool
+
+
+def associate_request(body: dict[str, Any]) -> AssociateRequest:
+    f = _Fields(CARD, body)
+    token = f.required_str("token")
+    skip = body.get("skipLegalIdCheck", False)
+    if not isinstance(skip, bool):
+        f.fail("skipLegalIdCheck", skip, "must be true or false")
+        skip = False
+    f.check()
+    return AssociateRequest(token, skip)
+
+
+@dataclass(frozen=True, slots=True)
+class ChargeRequest:
+    credit_card: str
+    amount: Decimal
+    tax_amount: Decimal
+    iac_amount: Decimal
+    tip_amount: Decimal
+    currency: str
+    installments: int
+    order_id: str | None
+    description: str | None
+    third_party_id: str | None
+    child_merchant_id: str | None
+
+
+def charge_request(body: dict[str, Any]) -> ChargeRequest:
+    """Shape checks only; whether the card exists is the state's job."""
+    f = _Fields(CHARGE, body)
+    credit_card = f.required_str("creditCard")
+    amount = f.money("amount", required=True)
+    tax = f.money("taxAmount", required=False)
+    iac = f.money("iacAmount", required=False)
+    tip = f.money("tipAmount", required=False)
+    currency = body.get("currency")
+    if currency != "COP":
+        f.fail("currency", currency, "is required" if currency is None else "must be COP")
+    installments = body.get("installments")
+    if installments is None:
+        f.fail("installments", installments, "is required")
+        installments = 0
+    elif isinstance(installments, bool) or not isinstance(installments, int) or not 1 <= installments <= 36:
+        f.fail("installments", installments, "must be a whole number from 1 to 36")
+        installments = 0
+    request = ChargeRequest(
+        credit_card=credit_card,
+        amount=amount,
+        tax_amount=tax,
+        iac_amount=iac,
+        tip_amount=tip,
+        currency="COP",
+        installments=installments,
+        order_id=f.optional_str("orderId"),
+        description=f.optional_str("description"),
+        third_party_id=f.optional_str("thirdPartyId"),
+        child_merchant_id=f.optional_str("childMerchantId"),
+    )
+    f.check()
+    return request
+
+
+def refund_request(body: dict[str, Any]) -> str:
+    f = _Fields(REFUND, body)
+    charge_id = f.required_str("id")
+    f.check()
+    return charge_id
