@@ -14,10 +14,18 @@ def main() -> None:
 
 
 def _register() -> None:
-    from billing.cli import db, sandbox
+    from billing.cli import db, demo, sandbox
 
     main.add_command(sandbox.sandbox)
     main.add_command(db.db)
+    main.add_command(demo.demo)
+
+    from billing.cli import catalog, ops, seed
+
+    for command in (catalog.plans, catalog.customers, catalog.cards, catalog.subscriptions, seed.seed):
+        main.add_command(command)
+    for command in (ops.tick, ops.status, ops.report, ops.review, ops.refund, ops.resume, ops.clock):
+        main.add_command(command)
 
 
 _register()
