@@ -82,3 +82,48 @@ def redis_server_url() -> str:
 def sqlite_url(tmp_path: object) -> str:
     """A SQLite file URL in the test's temporary directory."""
     return f"sqlite:///{tmp_path}/billing.db"
+
+
+# --- Tpaga sandbox emulator -----------------------------------------------------------------------------
+# One emulator per test session, reset over HTTP before each test: isolated like a fresh server, without
+# paying a thread and a port per test. `sandbox_factory` gives a private emulator for non-default configs.
+
+
+@pytest.fixture(scope="session")
+def _shared_sandbox() -> Iterator[object]:
+    from billing.sandbox import SandboxConfig, SandboxThread
+
+    server = SandboxThread(SandboxConfig())
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def sandbox(_shared_sandbox: object) -> object:
+    """A running default-config SandboxThread, freshly reset (state, faults, clock, keys)."""
+    import requests
+
+    from billing.sandbox import SandboxThread
+
+    assert isinstance(_shared_sandbox, SandboxThread)
+    requests.post(_shared_sandbox.base_url + "__sandbox/reset", timeout=10).raise_for_status()
+    return _shared_sandbox
+
+
+@pytest.fixture
+def sandbox_factory() -> Iterator[object]:
+    """Call with SandboxConfig fields (e.g. refund_window="same_day") to get a started SandboxThread."""
+    from billing.sandbox import SandboxConfig, SandboxThread
+
+    started: list[SandboxThread] = []
+
+    def start(**fields: object) -> SandboxThread:
+        server = SandboxThread(SandboxConfig(**fields))  # type: ignore[arg-type]
+        server.start()
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
