@@ -97,8 +97,13 @@ def without(body: dict[str, Any], key: str) -> dict[str, Any]:
     return {k: v for k, v in body.items() if k != key}
 
 
-CUSTOMER = {"id": "cus-1", "firstName": "Horns and Hoofs", "lastName": "Perez", "email": "h@example.com"}
-CARD = {
+CUSTOMER: dict[str, Any] = {
+    "id": "cus-1",
+    "firstName": "Horns and Hoofs",
+    "lastName": "Perez",
+    "email": "h@example.com",
+}
+CARD: dict[str, Any] = {
     "id": "r6ae7t2u7dmt7injv5c2bg9sqbh0krtr",
     "expirationMonth": "03",
     "lastFour": "0004",

@@ -70,8 +70,8 @@ ERRORS_NEVER_RETRIED = [
     KeyboardInterrupt(),
 ]
 
-IDEMPOTENT = [GET_CUSTOMER, GET_CARD, GET_CHARGE, REFUND]
-NOT_IDEMPOTENT = [CREATE_CUSTOMER, TOKENIZE_CARD, ASSOCIATE_CARD, CHARGE]
+IDEMPOTENT: list[Operation[Any]] = [GET_CUSTOMER, GET_CARD, GET_CHARGE, REFUND]
+NOT_IDEMPOTENT: list[Operation[Any]] = [CREATE_CUSTOMER, TOKENIZE_CARD, ASSOCIATE_CARD, CHARGE]
 
 TABLE: list[tuple[Operation[Any], BaseException, bool]] = [
     # never left: always safe to send again, a charge included

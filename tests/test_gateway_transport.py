@@ -40,7 +40,7 @@ from tests.test_gateway_mapping import CARD, CUSTOMER, HTML_502, charge_json, de
 PRIVATE_KEY = "d13fr8n7vhvkuch3lq2ds5qhjnd2pdd2"
 PUBLIC_KEY = "pk_test_qvbvuthlvqpijnr0elmtg5jh"
 TEMP_TOKEN = "tmp_tok_9f8e7d6c5b4a39281706"
-CARD_ID = CARD["id"]
+CARD_ID = str(CARD["id"])
 
 
 # --- a scripted HTTP/1.1 server on a raw socket ---------------------------------------------------------------
