@@ -1,0 +1,379 @@
+"""Operator commands: `billing tick|status|report|review|refund|resume|clock`."""
+
+from __future__ import annotations
+
+import re
+from datetime import timedelta
+from typing import Any
+
+import click
+
+from billing.cli.common import (
+    database_option,
+    echo_json,
+    echo_table,
+    format_money,
+    format_time,
+    handle_errors,
+    json_option,
+    load_settings,
+    open_context,
+    parse_when,
+    session_scope,
+)
+
+# --- tick ------------------------------------------------------------------------------------------------
+
+
+def _echo_counts(title: str, counts: dict[str, Any]) -> None:
+    shown = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()) if v) if counts else ""
+    click.echo(f"{title:<12} {shown or '-'}")
+
+
+@click.command()
+@click.option("--threads", default=8, show_default=True, type=click.IntRange(1, 256), help="Charges in flight.")
+@json_option
+@database_option
+@handle_errors
+def tick(threads: int, as_json: bool, database_url: str | None) -> None:
+    """Run one cycle of all periodic work in this process, no broker needed.
+
+    Opens due invoices, charges them, retries dunning, executes and expires refunds, reconciles stuck and
+    unknown attempts. Safe to run again or alongside workers: the database prevents double charges.
+    """
+    from billing.services.context import DropPublisher
+    from billing.services.tick import run_tick
+
+    settings = load_settings(database_url)
+    with open_context(settings, publisher=DropPublisher()) as ctx:
+        report = run_tick(ctx, threads=threads)
+    if as_json:
+        echo_json(report)
+        return
+    click.echo(f"{'opened':<12} {report.get('opened', 0)} invoice(s)")
+    _echo_counts("charges", report.get("charges", {}))
+    _echo_counts("reconciled", report.get("reconciled", {}))
+    _echo_counts("lookups", report.get("lookups", {}))
+    _echo_counts("refunds", report.get("refunds", {}))
+    click.echo(f"{'expired':<12} {report.get('refunds_expired', 0)} refund(s)")
+    if report.get("resumed"):
+        click.echo("billing resumed: the gateway accepts the API key again")
+
+
+# --- status and report -----------------------------------------------------------------------------------
+
+
+@click.command()
+@json_option
+@database_option
+@handle_errors
+def status(as_json: bool, database_url: str | None) -> None:
+    """Counts of invoices, attempts, refunds and subscriptions by state; the review queue; any pause."""
+    from billing.services import reports
+
+    with session_scope(load_settings(database_url)) as session:
+        data = reports.status(session)
+    if as_json:
+        echo_json(data)
+        return
+    for section in ("subscriptions", "invoices", "attempts", "refunds"):
+        counts = data.get(section) or {}
+        total = sum(counts.values())
+        detail = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
+        click.echo(f"{section:<14} {total:>7}   {detail}")
+    click.echo(
+        f"{'review queue':<14} {data.get('review', 0):>7}"
+        + ("   (see `billing review list`)" if data.get("review") else "")
+    )
+    paused = data.get("paused")
+    if paused:
+        click.echo(
+            f"BILLING PAUSED since {paused.get('since')}: {paused.get('reason')}"
+            + (f" (errorCode {paused['error_code']})" if paused.get("error_code") else "")
+            + "; lift with `billing resume`"
+        )
+    else:
+        click.echo(f"{'billing':<14} running")
+
+
+@click.command()
+@click.option("--since", default=None, metavar="ISO", help="Attempts created at or after (naive = UTC).")
+@click.option("--until", default=None, metavar="ISO", help="Attempts created before (naive = UTC).")
+@json_option
+@database_option
+@handle_errors
+def report(since: str | None, until: str | None, as_json: bool, database_url: str | None) -> None:
+    """Charge outcomes by Tpaga errorCode and decline class."""
+    from billing.services import reports
+
+    since_at, until_at = parse_when(since, "--since"), parse_when(until, "--until")
+    if since_at and until_at and since_at >= until_at:
+        raise click.BadParameter("must be after --since", param_hint="--until")
+    with session_scope(load_settings(database_url)) as session:
+        rows = reports.outcomes_by_code(session, since_at, until_at)
+    if as_json:
+        echo_json(rows)
+        return
+    echo_table(
+        ["errorCode", "class", "state", "count", "amount"],
+        [
+            (
+                r["error_code"] if r["error_code"] is not None else "-",
+                r["class"],
+                r["state"],
+                r["count"],
+                format_money(r["amount_minor"], r["currency"]),
+            )
+            for r in rows
+        ],
+        empty="no charge attempts in that range",
+    )
+
+
+# --- review ----------------------------------------------------------------------------------------------
+
+
+@click.group()
+def review() -> None:
+    """The review queue: invoices whose charge outcome is unknown, blocked until resolved."""
+
+
+@review.command("list")
+@json_option
+@database_option
+@handle_errors
+def review_list(as_json: bool, database_url: str | None) -> None:
+    """Invoices waiting for an operator."""
+    from billing.services import reconcile
+
+    with session_scope(load_settings(database_url)) as session:
+        rows = reconcile.review_queue(session)
+    if as_json:
+        echo_json(rows)
+        return
+    echo_table(
+        ["invoice", "subscription", "amount", "orderId", "charge id known", "reason", "since"],
+        [
+            (
+                r["invoice_id"],
+                r["subscription_id"],
+                format_money(r["amount_minor"], r["currency"]),
+                r["order_id"],
+                "yes" if r["tpaga_charge_id_known"] else "no",
+                r["reason"],
+                r["since"],
+            )
+            for r in rows
+        ],
+        empty="the review queue is empty",
+    )
+
+
+@review.command("resolve")
+@click.argument("invoice_id", type=int)
+@click.option(
+    "--charged/--not-charged",
+    "charged",
+    default=None,
+    help="What Tpaga's records say: the card WAS charged (needs --charge-id) or was NOT.",
+)
+@click.option("--charge-id", default=None, help="The Tpaga charge id of the approved charge (with --charged).")
+@database_option
+@handle_errors
+def review_resolve(invoice_id: int, charged: bool | None, charge_id: str | None, database_url: str | None) -> None:
+    """Settle an invoice in review: --charged --charge-id ID (verified at Tpaga), or --not-charged."""
+    from billing.services import reconcile
+
+    if charged is None:
+        raise click.UsageError("say what happened: --charged --charge-id ID, or --not-charged")
+    if charged and not (charge_id and charge_id.strip()):
+        raise click.UsageError("--charged needs --charge-id (the Tpaga charge id, verified with a lookup)")
+    if not charged and charge_id:
+        raise click.UsageError("--charge-id goes with --charged, not --not-charged")
+    with open_context(load_settings(database_url)) as ctx:
+        outcome = reconcile.resolve_review(
+            ctx, invoice_id=invoice_id, charged=charged, tpaga_charge_id=charge_id.strip() if charge_id else None
+        )
+    messages = {
+        "approved": f"invoice {invoice_id} resolved as charged: paid",
+        "declined": f"invoice {invoice_id} resolved: Tpaga says the charge was declined; dunning continues",
+        "not_charged": f"invoice {invoice_id} resolved as not charged: it will be charged on the next run",
+    }
+    if outcome == "still_unknown":
+        raise click.ClickException(f"invoice {invoice_id} is still unknown: Tpaga's answer did not settle it")
+    click.echo(messages.get(outcome, f"invoice {invoice_id}: {outcome}"))
+
+
+# --- refund and resume -----------------------------------------------------------------------------------
+
+
+@click.command()
+@click.argument("invoice_id", type=int)
+@click.option("--reason", required=True, help="Why (kept with the refund; at most 255 characters).")
+@json_option
+@database_option
+@handle_errors
+def refund(invoice_id: int, reason: str, as_json: bool, database_url: str | None) -> None:
+    """Request a refund (void) of an invoice's charge; it runs on the next `billing tick` or worker run.
+
+    A second request for the same charge returns the first refund. Outside the void window the refund is
+    recorded as expired and Tpaga is not called.
+    """
+    from billing.services.refunds import request_refund
+
+    with open_context(load_settings(database_url)) as ctx:
+        outcome = request_refund(ctx, invoice_id=invoice_id, reason=reason)
+    if as_json:
+        echo_json(outcome.as_dict())
+        return
+    what = "requested" if outcome.created else "already exists"
+    tail = {
+        "requested": "; it runs on the next `billing tick` or worker run",
+        "expired": ": the void window has passed, Tpaga was not called",
+    }.get(outcome.state, "")
+    click.echo(f"refund {outcome.refund_id} {what} (state {outcome.state}){tail}")
+
+
+@click.command()
+@database_option
+@handle_errors
+def resume(database_url: str | None) -> None:
+    """Lift a billing pause (set after Tpaga rejected the API key or a merchant-configuration decline)."""
+    from billing.services.charging import resume_billing
+
+    with open_context(load_settings(database_url)) as ctx:
+        lifted = resume_billing(ctx)
+    click.echo("billing resumed" if lifted else "billing was not paused")
+
+
+# --- clock -----------------------------------------------------------------------------------------------
+
+_DURATION = re.compile(r"(\d+)([dhms])")
+_UNIT_SECONDS = {"d": 86400, "h": 3600, "m": 60, "s": 1}
+MAX_ADVANCE = timedelta(days=3660)
+
+
+def parse_duration(text: str) -> timedelta:
+    """'31d', '12h', '90m', '3600s' or a combination such as '1d12h'; positive, at most ten years."""
+    raw = text.strip().lower()
+    if not raw or not re.fullmatch(r"(?:\d+[dhms])+", raw):
+        raise click.BadParameter(
+            f"{text!r} is not a duration: use a positive number with a unit d, h, m or s (31d, 12h, 90m, 3600s)",
+            param_hint="DURATION",
+        )
+    seconds = sum(int(n) * _UNIT_SECONDS[u] for n, u in _DURATION.findall(raw))
+    if seconds <= 0:
+        raise click.BadParameter("the duration must be positive: the clock never goes backwards", param_hint="DURATION")
+    delta = timedelta(seconds=seconds)
+    if delta > MAX_ADVANCE:
+        raise click.BadParameter("at most 3660 days at a time", param_hint="DURATION")
+    return delta
+
+
+def _sandbox_clock_url(url: str) -> str:
+    from urllib.parse import urlparse
+
+    parsed = urlparse(url)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        raise click.BadParameter(f"{url!r} is not an http(s) URL", param_hint="--sandbox-url")
+    base = url.rstrip("/")
+    if base.endswith("/api"):
+        base = base[: -len("/api")]
+    return base + "/__sandbox/clock"
+
+
+def _advance_sandbox(url: str, seconds: int) -> str:
+    import requests
+
+    endpoint = _sandbox_clock_url(url)
+    try:
+        response = requests.post(endpoint, json={"advanceSeconds": seconds}, timeout=(3.05, 10))
+    except requests.RequestException as exc:
+        raise click.ClickException(
+            f"could not reach the sandbox at {endpoint} ({type(exc).__name__}); neither clock was moved"
+        ) from None
+    if response.status_code != 200:
+        raise click.ClickException(
+            f"the sandbox refused to move its clock (HTTP {response.status_code}); neither clock was moved"
+        )
+    try:
+        return str(response.json()["now"])
+    except (ValueError, KeyError, TypeError):
+        return "?"
+
+
+@click.group()
+def clock() -> None:
+    """The shared test clock (BILLING_CLOCK=database): months of billing in seconds."""
+
+
+@clock.command("show")
+@json_option
+@database_option
+@handle_errors
+def clock_show(as_json: bool, database_url: str | None) -> None:
+    """Print the test clock's time and its offset from the system clock."""
+    from billing.clock import SystemClock
+    from billing.db.control import DatabaseClock
+    from billing.db.engine import make_engine, make_session_factory
+
+    settings = load_settings(database_url)
+    engine = make_engine(settings.database_url)
+    try:
+        db_clock = DatabaseClock(make_session_factory(engine), ttl_seconds=0)
+        offset = db_clock.offset_seconds()
+        now = db_clock.now()
+    finally:
+        engine.dispose()
+    data = {
+        "clock": settings.clock,
+        "now": now.isoformat(),
+        "offset_seconds": offset,
+        "system_now": SystemClock().now().isoformat(),
+    }
+    if as_json:
+        echo_json(data)
+        return
+    click.echo(f"test clock  {format_time(now)}  (offset {timedelta(seconds=offset)}, {offset:.0f}s)")
+    if settings.clock != "database":
+        click.echo("note: BILLING_CLOCK is not 'database', so this process runs on the system clock")
+
+
+@clock.command("advance")
+@click.argument("duration")
+@click.option(
+    "--sandbox-url",
+    default=None,
+    metavar="URL",
+    help="Also advance the Tpaga emulator's clock at URL by the same amount (keeps refund windows in step).",
+)
+@database_option
+@handle_errors
+def clock_advance(duration: str, sandbox_url: str | None, database_url: str | None) -> None:
+    """Move the shared test clock forward by DURATION (31d, 12h, 90m, 3600s, 1d12h)."""
+    from billing.db.control import DatabaseClock
+    from billing.db.engine import make_engine, make_session_factory
+
+    delta = parse_duration(duration)
+    settings = load_settings(database_url)
+    if settings.clock != "database":
+        raise click.ClickException(
+            "BILLING_CLOCK is not 'database': the services run on the system clock, which cannot be advanced. "
+            "Set BILLING_CLOCK=database for every process (test and demo setups only)."
+        )
+    seconds = int(delta.total_seconds())
+    # The emulator first: it is the one that can be unreachable, and then neither clock moves.
+    sandbox_now = _advance_sandbox(sandbox_url, seconds) if sandbox_url else None
+    engine = make_engine(settings.database_url)
+    try:
+        try:
+            now = DatabaseClock(make_session_factory(engine), ttl_seconds=0).advance(delta)
+        except Exception:
+            if sandbox_now is not None:
+                click.echo(f"the sandbox clock WAS advanced by {seconds}s but the database clock was not", err=True)
+            raise
+    finally:
+        engine.dispose()
+    click.echo(f"test clock advanced by {delta} to {format_time(now)}")
+    if sandbox_now is not None:
+        click.echo(f"sandbox clock advanced by {delta} to {sandbox_now}")
