@@ -247,6 +247,13 @@ def test_keys_are_required_and_never_shown() -> None:
         )
 
 
+def test_keys_do_not_show_in_the_clients_attributes() -> None:
+    tpaga = TpagaClient("http://127.0.0.1:1/api/", PRIVATE_KEY, PUBLIC_KEY)
+    text = repr(vars(tpaga)) + repr(vars(tpaga._transport))
+    for secret in (PRIVATE_KEY, PUBLIC_KEY, basic(PRIVATE_KEY)[6:], basic(PUBLIC_KEY)[6:]):
+        assert secret not in text
+
+
 def test_from_settings_uses_url_keys_and_timeouts() -> None:
     settings = Settings(
         tpaga_api_url="http://127.0.0.1:9/api/",
@@ -329,6 +336,33 @@ def test_seed_flow_on_the_wire(stub: StubServer, client: TpagaClient) -> None:
     }
     assert void.json() == {"id": charge.id}
     assert stub.connections == 1  # keep-alive: one connection for the whole flow
+
+
+@pytest.mark.parametrize(
+    ("content_type", "encoding"),
+    [
+        ("application/json; charset=ISO-8859-1", "latin-1"),
+        ('application/json;charset="utf-8"', "utf-8"),
+        ("application/json", "utf-8"),
+        ("text/plain; charset=UTF-16", "utf-16"),
+    ],
+)
+def test_any_charset_is_accepted(stub: StubServer, client: TpagaClient, content_type: str, encoding: str) -> None:
+    stub.script(
+        Reply(
+            200,
+            json.dumps({"id": "cus-1", "firstName": "Iván"}, ensure_ascii=False).encode(encoding),
+            content_type=content_type,
+        )
+    )
+    assert client.get_customer("cus-1").first_name == "Iván"
+
+
+def test_an_unknown_charset_is_malformed_not_a_crash(stub: StubServer, client: TpagaClient) -> None:
+    stub.script(Reply(201, b"\x00\x01", content_type="application/json; charset=no-such-codec"))
+    with pytest.raises(OutcomeUnknownError) as caught:
+        charge_once(client)
+    assert caught.value.reason == "malformed"
 
 
 def test_whole_amounts_are_sent_as_integers(stub: StubServer, client: TpagaClient) -> None:

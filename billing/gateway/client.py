@@ -31,7 +31,7 @@ from billing.gateway.operations import (
     Operation,
 )
 from billing.gateway.retry import RandomSource, build_retrying
-from billing.gateway.transport import Transport
+from billing.gateway.transport import BasicKeyAuth, Transport
 
 if TYPE_CHECKING:
     from tenacity import Retrying
@@ -117,8 +117,8 @@ class TpagaClient:
             read_timeout_seconds=read_timeout_seconds,
             session_factory=session_factory,
         )
-        self._private_key = private_key
-        self._public_key = public_key
+        self._private_auth = BasicKeyAuth(private_key)
+        self._public_auth = BasicKeyAuth(public_key) if public_key else None
         self._retry_attempts = retry_attempts
         self._retry_max_seconds = retry_max_seconds
         self._rng: RandomSource = rng or random.Random()  # jitter, not cryptography
@@ -173,13 +173,13 @@ class TpagaClient:
         path: str,
         payload: dict[str, JsonValue] | None = None,
         *,
-        key: str | None = None,
+        auth: BasicKeyAuth | None = None,
     ) -> T:
         body = None if payload is None else encode_json(payload)
         for attempt in self._retrying(operation):
             with attempt:
-                raw = self._transport.send(operation, path, key=key or self._private_key, body=body)
-                return map_response(operation, raw.status, raw.body)
+                raw = self._transport.send(operation, path, auth=auth or self._private_auth, body=body)
+                return map_response(operation, raw.status, raw.payload)
         raise AssertionError("unreachable: tenacity returns or raises")  # pragma: no cover
 
     # --- customers -----------------------------------------------------------------------------------------
@@ -232,7 +232,7 @@ class TpagaClient:
 
         In production tokenizing happens in the customer's browser or app; this is for tests, demos and seeding.
         """
-        if not self._public_key:
+        if self._public_auth is None:
             raise ConfigError("tokenize_card needs the Tpaga public key (TPAGA_PUBLIC_KEY)")
         pan = _digits(
             "number", number.replace(" ", "").replace("-", "") if isinstance(number, str) else "", range(12, 20)
@@ -251,7 +251,7 @@ class TpagaClient:
         }
         if cvc is not None:
             payload["cvc"] = _digits("cvc", cvc, range(3, 5))
-        return self._call(TOKENIZE_CARD, "tokenize/credit_card", payload, key=self._public_key)
+        return self._call(TOKENIZE_CARD, "tokenize/credit_card", payload, auth=self._public_auth)
 
     def associate_card(
         self, customer_id: str, temp_token: str, *, skip_legal_id_check: bool | None = None
@@ -328,9 +328,9 @@ class TpagaClient:
         body = encode_json({"id": charge_id})
         for attempt in self._retrying(REFUND):
             with attempt:
-                raw = self._transport.send(REFUND, "refund/credit_card", key=self._private_key, body=body)
+                raw = self._transport.send(REFUND, "refund/credit_card", auth=self._private_auth, body=body)
                 try:
-                    return map_response(REFUND, raw.status, raw.body)
+                    return map_response(REFUND, raw.status, raw.payload)
                 except RefundRejectedError as rejected:
                     earlier = attempt.retry_state.attempt_number > 1
                     if earlier and rejected.charge is not None and rejected.charge.voided:

@@ -133,7 +133,7 @@ class UnexpectedStatusError(TpagaError):
 # --- mapping -----------------------------------------------------------------------------------------------
 
 
-def _decode(body: bytes) -> Mapping[str, Any] | None:
+def _decode(body: bytes | str) -> Mapping[str, Any] | None:
     """The JSON object in a body, or None when it is not one (HTML, truncated, empty, a list)."""
     try:
         data = json.loads(body, parse_float=Decimal)
@@ -186,7 +186,7 @@ def _unknown(
     )
 
 
-def error_from_response(operation: Operation[Any], status: int, body: bytes) -> TpagaError:
+def error_from_response(operation: Operation[Any], status: int, body: bytes | str) -> TpagaError:
     """The error a response that is not the operation's success status means. 401 bodies are never read."""
     name = operation.name
     if status == 401:
@@ -237,7 +237,7 @@ def error_from_response(operation: Operation[Any], status: int, body: bytes) -> 
     return UnexpectedStatusError(f"{name}: unexpected HTTP {status}", http_status=status, operation=name)
 
 
-def map_response(operation: Operation[T], status: int, body: bytes) -> T:
+def map_response(operation: Operation[T], status: int, body: bytes | str) -> T:
     """The result of a response for this operation, or raise the TpagaError it means.
 
     The one place that turns (operation, status, body) into an outcome. A charge is returned only when it is

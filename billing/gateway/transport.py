@@ -4,10 +4,18 @@ and a precise line between "the request never left" and "it may have reached Tpa
 Logging: this module logs the operation name, status and elapsed time only. urllib3's own DEBUG logger
 (`urllib3.connectionpool`) logs request paths, and `GET customer/{id}/credit_card/{card_id}` carries a card id
 in its path: keep urllib3 at INFO or above in production (the key and bodies are never logged by it).
+
+Keep-alive: before reusing a pooled connection urllib3 checks whether the server already closed it, and opens a
+new one if so. A server that closes an idle connection at the very moment a request is written on it still
+makes that request look dropped; for a charge that is an (honest) unknown outcome, never a silent resend.
+
+Timeouts: `read_timeout_seconds` bounds each wait for bytes, not the whole answer; the retry budget
+(`retry_max_seconds`) bounds when another attempt may start, not an attempt in flight.
 """
 
 from __future__ import annotations
 
+import base64
 import http.client
 import logging
 import os
@@ -24,6 +32,7 @@ from urllib.parse import urlparse
 import requests
 import urllib3.exceptions
 from requests.adapters import HTTPAdapter
+from requests.auth import AuthBase
 
 from billing import __version__
 from billing.config import ConfigError, validate_api_url
@@ -63,12 +72,50 @@ def checked_api_url(url: str) -> str:
     return validate_api_url(url)
 
 
+class BasicKeyAuth(AuthBase):
+    """HTTP Basic with the API key as user name and an empty password, encoded once; never shown in a repr."""
+
+    __slots__ = ("_header",)
+
+    def __init__(self, key: str) -> None:
+        self._header = "Basic " + base64.b64encode(f"{key}:".encode()).decode("ascii")
+
+    def __call__(self, request: requests.PreparedRequest) -> requests.PreparedRequest:
+        request.headers["Authorization"] = self._header
+        return request
+
+    def __repr__(self) -> str:
+        return "BasicKeyAuth(***)"
+
+
 @dataclass(frozen=True)
 class RawResponse:
-    """Status and body of an HTTP answer, fully read."""
+    """Status and body of an HTTP answer, fully read, with the charset its Content-Type named (if any)."""
 
     status: int
     body: bytes
+    charset: str | None = None
+
+    @property
+    def payload(self) -> bytes | str:
+        """The body as text when a charset was named (Tpaga may send any), else the raw bytes for JSON."""
+        if self.charset is None:
+            return self.body
+        try:
+            return self.body.decode(self.charset)
+        except (LookupError, UnicodeDecodeError):
+            return self.body  # let the JSON decoder judge it: unreadable means malformed
+
+
+def charset_of(content_type: str | None) -> str | None:
+    """The charset parameter of a Content-Type header, if any."""
+    if not content_type:
+        return None
+    for parameter in content_type.split(";")[1:]:
+        name, _, value = parameter.partition("=")
+        if name.strip().lower() == "charset" and value.strip():
+            return value.strip().strip('"').strip("'")
+    return None
 
 
 Verdict = Literal["not_sent", "timeout", "dropped"]
@@ -172,7 +219,9 @@ class Transport:
         self._local.state = (generation, pid, session)
         return session
 
-    def send(self, operation: Operation[Any], path: str, *, key: str, body: bytes | None = None) -> RawResponse:
+    def send(
+        self, operation: Operation[Any], path: str, *, auth: BasicKeyAuth, body: bytes | None = None
+    ) -> RawResponse:
         """One HTTP exchange, with no retry. `path` is relative to the API URL and already quoted."""
         headers = {"Accept": "application/json", "User-Agent": USER_AGENT}
         if body is not None:
@@ -186,11 +235,13 @@ class Transport:
                 self.api_url + path,
                 data=body,
                 headers=headers,
-                auth=(key, ""),
+                auth=auth,
                 timeout=(self.connect_timeout_seconds, self.read_timeout_seconds),
                 allow_redirects=False,
             )
-            result = RawResponse(response.status_code, response.content)
+            result = RawResponse(
+                response.status_code, response.content, charset_of(response.headers.get("Content-Type"))
+            )
         except TRANSPORT_ERRORS as exc:
             failure = self._failure(operation, exc)
         # Raised outside the except block on purpose: requests' exceptions carry the URL, whose path can hold
