@@ -29,9 +29,7 @@ currencies = st.sampled_from(sorted(CURRENCY_EXPONENTS))
         ("1234567890123456789012345.67", "COP", 123456789012345678901234567),
     ],
 )
-def test_from_major_converts_exactly_to_minor_units(
-    amount: Decimal | str | int, currency: str, minor: int
-) -> None:
+def test_from_major_converts_exactly_to_minor_units(amount: Decimal | str | int, currency: str, minor: int) -> None:
     assert Money.from_major(amount, currency) == Money(minor, currency)
 
 
@@ -162,14 +160,10 @@ def test_money_round_trips_through_major_units(amount_minor: int, currency: str)
 def test_money_arithmetic_matches_integer_arithmetic(a: int, b: int, currency: str) -> None:
     assert (Money(a, currency) + Money(b, currency)).amount_minor == a + b
     assert (Money(a, currency) - Money(b, currency)).amount_minor == a - b
-    assert (Money(a, currency) + Money(b, currency)).major == Money(a, currency).major + Money(
-        b, currency
-    ).major
+    assert (Money(a, currency) + Money(b, currency)).major == Money(a, currency).major + Money(b, currency).major
 
 
-@given(
-    value=st.decimals(allow_nan=False, allow_infinity=False, places=6, min_value=-(10**9), max_value=10**9)
-)
+@given(value=st.decimals(allow_nan=False, allow_infinity=False, places=6, min_value=-(10**9), max_value=10**9))
 def test_from_major_accepts_exactly_the_amounts_a_cent_can_express(value: Decimal) -> None:
     exact = value == value.quantize(Decimal("0.01"))
     if exact:

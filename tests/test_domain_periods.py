@@ -31,13 +31,10 @@ def bogota(
     return datetime(year, month, day, hour, minute, second, microsecond, tzinfo=BOGOTA)
 
 
-def local_boundaries(
-    anchor: datetime, n: int, interval: Interval, count: int, tz: str = "America/Bogota"
-) -> list[str]:
+def local_boundaries(anchor: datetime, n: int, interval: Interval, count: int, tz: str = "America/Bogota") -> list[str]:
     zone = ZoneInfo(tz)
     return [
-        period_boundary(anchor, k, interval, count, tz).astimezone(zone).strftime("%Y-%m-%d %H:%M")
-        for k in range(n)
+        period_boundary(anchor, k, interval, count, tz).astimezone(zone).strftime("%Y-%m-%d %H:%M") for k in range(n)
     ]
 
 
@@ -143,9 +140,7 @@ def test_string_intervals_are_accepted() -> None:
 
 def test_a_daily_plan_keeps_its_wall_time_across_a_dst_change() -> None:
     # New York springs forward on 2024-03-10: that day is 23 hours long
-    assert local_boundaries(
-        datetime(2024, 3, 9, 9, 0, tzinfo=NEW_YORK), 3, Interval.DAY, 1, "America/New_York"
-    ) == [
+    assert local_boundaries(datetime(2024, 3, 9, 9, 0, tzinfo=NEW_YORK), 3, Interval.DAY, 1, "America/New_York") == [
         "2024-03-09 09:00",
         "2024-03-10 09:00",
         "2024-03-11 09:00",
@@ -368,12 +363,8 @@ def test_a_yearly_anchor_never_drifts(anchored: tuple[datetime, str], count: int
     assert boundary.time() == local_anchor.time()
 
 
-@given(
-    anchored=anchors_in(["America/Bogota", "UTC"]), interval=st.sampled_from([Interval.DAY, Interval.WEEK])
-)
-def test_daily_and_weekly_boundaries_keep_the_wall_time(
-    anchored: tuple[datetime, str], interval: Interval
-) -> None:
+@given(anchored=anchors_in(["America/Bogota", "UTC"]), interval=st.sampled_from([Interval.DAY, Interval.WEEK]))
+def test_daily_and_weekly_boundaries_keep_the_wall_time(anchored: tuple[datetime, str], interval: Interval) -> None:
     anchor, tz = anchored
     zone = ZoneInfo(tz)
     for k in (1, 2, 7, 365):

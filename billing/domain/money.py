@@ -90,9 +90,7 @@ class Money:
         if shift < 0:
             text, dropped = text[:shift], text[shift:]
             if dropped.strip("0"):
-                raise MoneyError(
-                    f"{amount!r} has more than {exponent} decimal places, the precision of {currency}"
-                )
+                raise MoneyError(f"{amount!r} has more than {exponent} decimal places, the precision of {currency}")
             shift = 0
         minor = int(text or "0") * 10**shift
         return cls(-minor if sign else minor, currency)

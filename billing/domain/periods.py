@@ -100,9 +100,7 @@ def _to_utc(local: datetime) -> datetime:
     return local.astimezone(UTC)
 
 
-def period_boundary(
-    anchor: datetime, k: int, interval: Interval | str, count: int, tz: str = DEFAULT_TZ
-) -> datetime:
+def period_boundary(anchor: datetime, k: int, interval: Interval | str, count: int, tz: str = DEFAULT_TZ) -> datetime:
     """The k-th period boundary (k >= 0; boundary 0 is the anchor), as aware UTC.
 
     Computed from the anchor in local calendar terms of `tz`: add k*count intervals to the
@@ -117,14 +115,10 @@ def period_boundary(
     try:
         return _to_utc(_shift_local(local, k, unit, count))
     except (OverflowError, ValueError):
-        raise ValueError(
-            f"boundary {k} of every {count} {unit.value} from {anchor} is out of range"
-        ) from None
+        raise ValueError(f"boundary {k} of every {count} {unit.value} from {anchor} is out of range") from None
 
 
-def period_at(
-    anchor: datetime, index: int, interval: Interval | str, count: int, tz: str = DEFAULT_TZ
-) -> Period:
+def period_at(anchor: datetime, index: int, interval: Interval | str, count: int, tz: str = DEFAULT_TZ) -> Period:
     """Period `index` (>= 0): [boundary(index), boundary(index + 1))."""
     _require_int("index", index, 0)
     return Period(

@@ -48,9 +48,7 @@ def refund_deadline(approved_at: datetime, window: RefundWindow | str, tz: str =
     return midnight.astimezone(UTC)
 
 
-def is_refundable(
-    approved_at: datetime, now: datetime, window: RefundWindow | str, tz: str = DEFAULT_TZ
-) -> bool:
+def is_refundable(approved_at: datetime, now: datetime, window: RefundWindow | str, tz: str = DEFAULT_TZ) -> bool:
     """True while `now` is before the refund deadline of a charge approved at `approved_at`."""
     _require_aware("now", now)
     return now < refund_deadline(approved_at, window, tz)
