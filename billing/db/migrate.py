@@ -96,7 +96,11 @@ def lock_for_migration(connection: Any) -> None:
 
 
 def upgrade(url: str, revision: str = "head") -> None:
-    """Bring the database at `url` up to `revision` (default: head). Safe to run again."""
+    """Bring the database at `url` up to `revision` (default: head). Safe to run again.
+
+    Concurrent runs from several processes are serialized (advisory lock / BEGIN IMMEDIATE); do not run
+    two at once in threads of one process: Alembic's `context` is process-global.
+    """
     command.upgrade(alembic_config(url), revision)
 
 
