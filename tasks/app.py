@@ -1,0 +1,27 @@
+"""The Celery app: configured from the environment at import (no connections made), tasks in sibling modules."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any, cast
+
+from celery import Celery, Task
+
+from billing.config import Settings
+from tasks.config import TaskSettings, celery_config
+from tasks.runtime import Runtime
+
+# Loads `.env` (without overriding the environment) and fails fast on a malformed setting.
+_settings = Settings.from_env()
+task_settings = TaskSettings.from_env(os.environ)
+
+app = Celery("billing", task_cls="tasks.base:BillingTask")
+app.conf.update(celery_config(task_settings))
+
+runtime = Runtime(app, task_settings)
+
+
+def task(name: str, **options: Any) -> Callable[[Callable[..., Any]], Task]:
+    """`app.task` with an explicit, stable name (typed for mypy: the result is a Task)."""
+    return cast(Callable[[Callable[..., Any]], Task], app.task(name=name, **options))

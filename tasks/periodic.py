@@ -1,0 +1,124 @@
+"""Beat's periodic tasks (queue `billing.scheduler`). All are idempotent and safe to run twice at once; a lease
+per task in the `control` table makes a second beat's duplicate tick a cheap no-op (see tasks.leases)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+from celery import Task
+from kombu.exceptions import ChannelError
+
+from billing.services import invoicing, reconcile, refunds, tick
+from billing.services.context import Context
+from billing.services.outbox import relay_outbox as relay_outbox_service
+from tasks import config as names
+from tasks import leases
+from tasks.app import app, runtime, task
+
+log = logging.getLogger("billing.tasks")
+
+OPEN_BATCH = 500
+REFUND_BATCH = 500
+
+
+def _lease_ttl(name: str) -> timedelta:
+    # A little under the interval: the same beat's next tick always finds the lease free.
+    return timedelta(seconds=runtime.task_settings.beat_interval(name) * 0.8)
+
+
+def _periodic(name: str) -> Callable[[Callable[[Context], dict[str, Any]]], Task]:
+    def register(body: Callable[[Context], dict[str, Any]]) -> Task:
+        def run(self: Task) -> dict[str, Any]:
+            ctx = runtime.context()
+            if not leases.acquire(ctx, name, _lease_ttl(name), holder=str(self.request.id)):
+                return {"skipped": "lease held: another run of this task started less than an interval ago"}
+            return body(ctx)
+
+        run.__doc__ = body.__doc__
+        run.__name__ = body.__name__
+        run.__qualname__ = body.__qualname__
+        return task(name, bind=True)(run)
+
+    return register
+
+
+def _time_budget_seconds() -> float:
+    return runtime.task_settings.soft_time_limit_seconds / 2
+
+
+def _send(name: str, **kwargs: Any) -> None:
+    app.send_task(name, kwargs=kwargs, queue=names.ROUTES[name])
+
+
+def queue_depth(queue: str) -> int | None:
+    """Messages waiting in `queue` (not counting those workers hold), or None when the broker cannot say."""
+    try:
+        with app.connection_for_read() as connection:
+            return int(connection.default_channel.queue_declare(queue=queue, passive=True).message_count)
+    except ChannelError:  # a Redis queue with no messages does not exist
+        return 0
+    except Exception as exc:
+        log.info("queue depth of %s unknown: %s", queue, type(exc).__name__)
+        return None
+
+
+@_periodic(names.OPEN_DUE_INVOICES)
+def open_due_invoices(ctx: Context) -> dict[str, Any]:
+    """Open the invoices of every due subscription period (catching up after downtime); their charges are
+    published after each commit through the outbox."""
+    opened, passes = 0, 0
+    deadline = time.monotonic() + _time_budget_seconds()
+    while True:
+        count = invoicing.open_due_invoices(ctx, limit=OPEN_BATCH)
+        opened += count
+        passes += 1
+        if count == 0 or time.monotonic() > deadline:
+            break
+    return {"opened": opened, "passes": passes}
+
+
+@_periodic(names.ENQUEUE_DUE_INVOICES)
+def enqueue_due_invoices(ctx: Context) -> dict[str, Any]:
+    """The sweep: re-enqueue charge_invoice for open invoices whose time has come and gone (dunning retries,
+    new cards, lost messages). Skipped while the charges queue already holds a full batch."""
+    settings = runtime.task_settings
+    depth = queue_depth(names.CHARGES)
+    if depth is not None and depth >= settings.sweep_limit:
+        return {"enqueued": 0, "skipped": "charges queue backlog", "queue_depth": depth}
+    with ctx.sessions() as session:
+        ids = reconcile.due_invoice_ids(session, ctx.clock.now() - settings.sweep_grace, settings.sweep_limit)
+    for invoice_id in ids:
+        _send(names.CHARGE_INVOICE, invoice_id=invoice_id)
+    return {"enqueued": len(ids), "queue_depth": depth}
+
+
+@_periodic(names.RUN_REFUNDS)
+def run_refunds(ctx: Context) -> dict[str, Any]:
+    """Expire requested refunds whose void window has passed (Tpaga not called) and enqueue the others."""
+    expired = refunds.expire_refunds(ctx)
+    with ctx.sessions() as session:
+        ids = refunds.due_refund_ids(session, limit=REFUND_BATCH)
+    for refund_id in ids:
+        _send(names.EXECUTE_REFUND, refund_id=refund_id)
+    return {"expired": expired, "enqueued": len(ids)}
+
+
+@_periodic(names.RECONCILE)
+def reconcile_attempts(ctx: Context) -> dict[str, Any]:
+    """Expire attempts whose worker died, settle unknown ones Tpaga can tell us about, and resume billing
+    paused for bad credentials once they work again."""
+    stuck = reconcile.expire_stuck_attempts(ctx)
+    lookups = reconcile.resolve_unknown_by_lookup(ctx)
+    resumed = tick.probe_gateway(ctx)
+    return {"stuck": stuck, "lookups": lookups, "resumed": resumed}
+
+
+@_periodic(names.RELAY_OUTBOX)
+def relay_outbox(ctx: Context) -> dict[str, Any]:
+    """Publish task intents whose after-commit publish did not happen."""
+    min_age = timedelta(seconds=runtime.task_settings.outbox_min_age_seconds)
+    return relay_outbox_service(ctx, min_age=min_age)

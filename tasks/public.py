@@ -1,0 +1,90 @@
+"""The public tasks other apps send by name (JSON keyword arguments, ids only except attach_card's token).
+
+Each parses nothing itself (the base class checks the arguments against these signatures), calls one
+service and returns a small dict of ids and outcomes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from billing.db.models import ChargeAttempt
+from billing.gateway import errors as gw
+from billing.services import catalog, charging, refunds, subscriptions
+from billing.services.errors import NotFound
+from tasks import config as names
+from tasks.app import runtime, task
+from tasks.errors import GatewayError, TaskInputError, TransientError
+
+
+@task(names.CHARGE_INVOICE)
+def charge_invoice(*, invoice_id: int) -> dict[str, Any]:
+    """Charge one open invoice now if it is due; idempotent (a paid invoice answers `already_paid`)."""
+    return charging.charge_invoice(runtime.context(), invoice_id).as_dict()
+
+
+@task(names.REQUEST_REFUND)
+def request_refund(*, reason: str, invoice_id: int | None = None, charge_id: int | None = None) -> dict[str, Any]:
+    """Record a refund (void) of an invoice's approved charge and enqueue its execution; idempotent.
+
+    Name the charge by `invoice_id`, or by `charge_id` (the `attempt_id` that charge_invoice returned).
+    """
+    if (invoice_id is None) == (charge_id is None):
+        raise TaskInputError(f"{names.REQUEST_REFUND}: give exactly one of invoice_id or charge_id")
+    ctx = runtime.context()
+    if invoice_id is None:
+        with ctx.sessions() as session:
+            attempt = session.get(ChargeAttempt, charge_id)
+            if attempt is None:
+                raise NotFound(f"charge {charge_id} does not exist")
+            invoice_id = attempt.invoice_id
+    outcome = refunds.request_refund(ctx, invoice_id=invoice_id, reason=reason)
+    return {"invoice_id": invoice_id, **outcome.as_dict()}
+
+
+@task(names.ATTACH_CARD)
+def attach_card(*, customer_id: int, token: str) -> dict[str, Any]:
+    """Associate a card from Tpaga's temporary token; a usable card retries the customer's waiting invoices.
+
+    The token is masked in argsrepr/kwargsrepr and never appears in a result or an error message.
+    """
+    failure: Exception | None = None
+    try:
+        card_id = catalog.attach_card(runtime.context(), customer_id=customer_id, token=token)
+    except ValueError:  # the client refused the token's shape before sending (its messages echo no values)
+        failure = TaskInputError(f"{names.ATTACH_CARD}: token is malformed (whitespace or control characters)")
+    except gw.NotSentError:
+        failure = TransientError("Tpaga was not reached; nothing was sent")
+    except (gw.ValidationError, gw.NotFoundError) as exc:
+        failure = TaskInputError(
+            f"{names.ATTACH_CARD}: Tpaga refused the token (HTTP {exc.http_status}): "
+            "it is unknown, expired or already used"
+        )
+    except gw.OutcomeUnknownError:
+        # The token is single-use: a retry cannot succeed, and the card may exist at Tpaga already.
+        failure = GatewayError(f"{names.ATTACH_CARD}: Tpaga's answer was lost; the card may be associated there")
+    except gw.TpagaError as exc:
+        failure = GatewayError(f"{names.ATTACH_CARD}: Tpaga refused ({type(exc).__name__}, HTTP {exc.http_status})")
+    if failure is not None:
+        raise failure  # outside the except blocks: the gateway error is not chained into the traceback
+    return {"customer_id": customer_id, "card_id": card_id}
+
+
+@task(names.CANCEL_SUBSCRIPTION)
+def cancel_subscription(
+    *, subscription_id: int, at_period_end: bool = False, refund_last_charge: bool = False
+) -> dict[str, Any]:
+    """Cancel now (open invoices without a charge in flight are voided) or at the period's end; optionally
+    request a refund of the last paid invoice (executed only inside the void window)."""
+    return subscriptions.cancel_subscription(
+        runtime.context(),
+        subscription_id=subscription_id,
+        at_period_end=at_period_end,
+        refund_last_charge=refund_last_charge,
+    )
+
+
+@task(names.EXECUTE_REFUND)
+def execute_refund(*, refund_id: int) -> dict[str, Any]:
+    """Void a requested refund's charge at Tpaga if its window is open; expire it without calling Tpaga if not."""
+    return refunds.execute_refund(runtime.context(), refund_id).as_dict()

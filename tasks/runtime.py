@@ -1,0 +1,80 @@
+"""The service Context of a worker process: built lazily on first use, once per process, shared by threads.
+
+Never at import time (beat, Flower and `celery inspect` import the app and need no database or gateway), and
+rebuilt after a fork: a prefork child must not reuse the parent's pooled connections.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from billing.bootstrap import build_context
+from billing.config import Settings
+from billing.db.engine import make_engine
+from billing.services.context import Context
+from tasks.config import DEFAULT, ROUTES, TaskSettings
+
+if TYPE_CHECKING:
+    from celery import Celery
+
+
+class CeleryPublisher:
+    """The outbox's publisher: one `send_task` per intent, on the queue the routing table names."""
+
+    def __init__(self, app: Celery) -> None:
+        self._app = app
+
+    def publish(self, task_name: str, kwargs: dict[str, Any]) -> None:
+        self._app.send_task(task_name, kwargs=kwargs, queue=ROUTES.get(task_name, DEFAULT))
+
+
+class Runtime:
+    """Holds the per-process Context; `context()` is cheap after the first call."""
+
+    def __init__(self, app: Celery, task_settings: TaskSettings) -> None:
+        self.app = app
+        self.task_settings = task_settings
+        self._lock = threading.Lock()
+        self._pid: int | None = None
+        self._context: Context | None = None
+        self._factory: Callable[[], Context] | None = None
+
+    def context(self) -> Context:
+        context, pid = self._context, os.getpid()
+        if context is not None and self._pid == pid:
+            return context
+        with self._lock:
+            if self._context is None or self._pid != pid:
+                inherited = self._context
+                self._context = self._build()
+                self._pid = pid
+                if inherited is not None:
+                    # Drop the parent's connections without closing them under the parent's feet.
+                    bind = inherited.sessions.kw.get("bind")
+                    if bind is not None:
+                        bind.dispose(close=False)
+            return self._context
+
+    def _build(self) -> Context:
+        if self._factory is not None:
+            return self._factory()
+        settings = Settings.from_env()
+        engine_options: dict[str, Any] = {}
+        if not settings.database_url.startswith("sqlite"):
+            # Every worker thread may hold a connection while it waits on the gateway.
+            engine_options = {"pool_size": self.task_settings.worker_concurrency, "max_overflow": 8}
+        return build_context(
+            settings,
+            engine=make_engine(settings.database_url, **engine_options),
+            publisher=CeleryPublisher(self.app),
+        )
+
+    def use_factory(self, factory: Callable[[], Context] | None) -> None:
+        """Tests: build contexts with `factory` instead of from the environment (None restores)."""
+        with self._lock:
+            self._factory = factory
+            self._context = None
+            self._pid = None
