@@ -25,7 +25,14 @@ OUTBOX_KEY = "billing.outbox_ids"
 class Gateway(Protocol):
     """The subset of `billing.gateway.TpagaClient` the services use (a fake implements it in tests)."""
 
-    def create_customer(self, **fields: Any) -> Any: ...
+    def create_customer(
+        self,
+        *,
+        first_name: str | None = None,
+        last_name: str | None = None,
+        email: str | None = None,
+        merchant_customer_id: str | None = None,
+    ) -> Any: ...
     def associate_card(self, customer_id: str, temp_token: str) -> Any: ...
     def charge(
         self, *, card_id: str, amount: Decimal, currency: str, order_id: str, description: str | None = None

@@ -31,7 +31,7 @@ def _insert_invoice(session: Session, values: dict[str, Any]) -> int | None:
     return session.execute(stmt).scalar_one_or_none()
 
 
-def due_subscriptions_query(now: datetime, limit: int) -> Select[tuple[Subscription]]:
+def due_subscriptions_query(now: datetime, limit: int) -> Select[Subscription]:
     """Subscriptions whose next period has started; skip rows another worker holds (PostgreSQL)."""
     return (
         select(Subscription)

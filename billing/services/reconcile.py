@@ -65,7 +65,7 @@ def resolve_unknown_by_lookup(ctx: Context, limit: int = 100) -> dict[str, int]:
     counts = {"approved": 0, "declined": 0, "still_unknown": 0}
     for attempt_id, invoice_id, charge_id in rows:
         try:
-            charge = ctx.gateway.get_charge(charge_id)
+            charge = ctx.gateway.get_charge(str(charge_id))
         except gw.TpagaError as exc:
             log.info("lookup of attempt %s failed: %s", attempt_id, type(exc).__name__)
             counts["still_unknown"] += 1

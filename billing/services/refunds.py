@@ -126,7 +126,9 @@ def execute_refund(ctx: Context, refund_id: int) -> RefundOutcome:
             lease_expires_at=now + ctx.sending_lease,
         ):
             return RefundOutcome(refund_id, "claimed_elsewhere")
-    state, status, error = RefundState.VOIDED, 202, None
+    state: str = RefundState.VOIDED
+    status: int | None = 202
+    error: str | None = None
     pause = False
     try:
         ctx.gateway.refund(charge_id)

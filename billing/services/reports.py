@@ -46,7 +46,7 @@ def outcomes_by_code(
         query = query.where(ChargeAttempt.created_at >= since)
     if until is not None:
         query = query.where(ChargeAttempt.created_at < until)
-    rows = []
+    rows: list[dict[str, Any]] = []
     for state, code, currency, count, total in session.execute(query).all():
         rows.append(
             {
