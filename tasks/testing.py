@@ -82,7 +82,8 @@ class CeleryProcess:
             if match:
                 return match
             if self.proc is not None and self.proc.poll() is not None:
-                raise RuntimeError(f"celery {self.args[0]} exited ({self.proc.returncode}):\n{self.log_text()[-4000:]}")
+                tail = self.log_text()[-4000:]
+                raise RuntimeError(f"celery {self.args[0]} exited ({self.proc.returncode}):\n{tail}")
             time.sleep(0.1)
         raise TimeoutError(
             f"no {pattern!r} from celery {self.args[0]} in {timeout_seconds}s:\n{self.log_text()[-4000:]}"
