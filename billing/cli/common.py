@@ -42,7 +42,9 @@ def load_settings(database_url: str | None = None) -> Settings:
 class LazyGateway:
     """The Tpaga client, built on first use: commands that never call Tpaga need no keys.
 
-    A missing TPAGA_PRIVATE_KEY surfaces as a ConfigError only when a call is actually made.
+    A missing TPAGA_PRIVATE_KEY surfaces as a ConfigError only when a call is actually made. Commands that
+    charge or refund (`billing tick`) pass a client built up front instead: the charge path records any
+    exception from the gateway as an unknown outcome, and a missing key must not look like one.
     """
 
     def __init__(self, settings: Settings) -> None:

@@ -41,12 +41,18 @@ def tick(threads: int, as_json: bool, database_url: str | None) -> None:
     Opens due invoices, charges them, retries dunning, executes and expires refunds, reconciles stuck and
     unknown attempts. Safe to run again or alongside workers: the database prevents double charges.
     """
+    from billing.gateway import TpagaClient
     from billing.services.context import DropPublisher
     from billing.services.tick import run_tick
 
     settings = load_settings(database_url)
-    with open_context(settings, publisher=DropPublisher()) as ctx:
-        report = run_tick(ctx, threads=threads)
+    # Built now, not lazily: a charge that fails to build its client must never be recorded as "unknown".
+    client = TpagaClient.from_settings(settings)
+    try:
+        with open_context(settings, publisher=DropPublisher(), gateway=client) as ctx:
+            report = run_tick(ctx, threads=threads)
+    finally:
+        client.close()
     if as_json:
         echo_json(report)
         return
