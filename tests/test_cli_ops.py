@@ -341,3 +341,18 @@ def test_months_of_dunning_on_the_shared_clock(clocked: Cli, sandbox: Any) -> No
     orders = [c["orderId"] for c in ledger(sandbox)["charges"] if c["paid"]]
     assert len(orders) == len(set(orders)) == 2
     assert invoice_of(clocked, sub)
+
+
+def test_cancel_at_period_end_of_an_unpaid_subscription_takes_effect(clocked: Cli, sandbox: Any) -> None:
+    """An unpaid subscription renews no more (no next billing time): 'at period end' can only mean now."""
+    sub = subscribe(clocked, sandbox, DECLINES_51)
+    clocked.ok("tick")
+    clocked.ok("clock", "advance", "8d", "--sandbox-url", sandbox.base_url)
+    clocked.ok("tick")
+    [row] = clocked.json("subscriptions", "list")
+    assert row["status"] == "unpaid" and row["next_billing_at"] is None
+    out = clocked.ok("subscriptions", "cancel", str(sub), "--at-period-end").output
+    assert "canceled now: it no longer renews" in out
+    clocked.ok("clock", "advance", "40d", "--sandbox-url", sandbox.base_url)
+    clocked.ok("tick")
+    assert [r["status"] for r in clocked.json("subscriptions", "list")] == ["canceled"]

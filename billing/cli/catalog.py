@@ -487,6 +487,8 @@ def subscriptions_cancel(
         click.echo(f"subscription {subscription_id} was already canceled")
     elif "cancel_at" in result:
         click.echo(f"subscription {subscription_id} will be canceled at {result['cancel_at']}")
+    elif at_period_end:
+        click.echo(f"subscription {subscription_id} canceled now: it no longer renews, so it has no period to finish")
     else:
         click.echo(f"subscription {subscription_id} canceled")
     if refund_last_charge:

@@ -33,8 +33,10 @@ def cancel_subscription(
                 "status": sub.status,
                 "changed": False,
             }
-        elif at_period_end:
-            sub.cancel_at = sub.next_billing_at or now
+        elif at_period_end and sub.next_billing_at is not None:
+            # Only a subscription that still renews has a period end to wait for; an unpaid one (no next
+            # billing time) is never picked up by the renewal scan again, so it is canceled now below.
+            sub.cancel_at = sub.next_billing_at
             sub.updated_at = now
             events.record(session, now, "subscription.cancel_scheduled", subscription_id=subscription_id)
             result = {
