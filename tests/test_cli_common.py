@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,10 +47,10 @@ class Cli:
     env: dict[str, str | None]
     runner: CliRunner = field(default_factory=CliRunner)
 
-    def run(self, *args: str, input: str | None = None, env: dict[str, str | None] | None = None) -> Result:
+    def run(self, *args: str, input: str | None = None, env: Mapping[str, str | None] | None = None) -> Result:
         return self.runner.invoke(main, list(args), input=input, env={**self.env, **(env or {})})
 
-    def ok(self, *args: str, input: str | None = None, env: dict[str, str | None] | None = None) -> Result:
+    def ok(self, *args: str, input: str | None = None, env: Mapping[str, str | None] | None = None) -> Result:
         result = self.run(*args, input=input, env=env)
         if result.exception is not None and not isinstance(result.exception, SystemExit):
             raise result.exception
@@ -62,7 +63,7 @@ class Cli:
         match: str,
         code: int = 1,
         input: str | None = None,
-        env: dict[str, str | None] | None = None,
+        env: Mapping[str, str | None] | None = None,
     ) -> Result:
         """The command exits with `code` and a clean message (no traceback) containing `match`."""
         result = self.run(*args, input=input, env=env)
@@ -73,7 +74,7 @@ class Cli:
         assert "Traceback" not in result.output
         return result
 
-    def json(self, *args: str, env: dict[str, str | None] | None = None) -> Any:
+    def json(self, *args: str, env: Mapping[str, str | None] | None = None) -> Any:
         return json.loads(self.ok(*args, "--json", env=env).stdout)
 
 
@@ -97,7 +98,8 @@ def make_cli(database_url: str, *, api_url: str = NOWHERE, clock: str = "system"
 def ledger(sandbox: Any) -> dict[str, Any]:
     response = requests.get(sandbox.base_url + "__sandbox/ledger", timeout=10)
     response.raise_for_status()
-    return response.json()
+    book: dict[str, Any] = response.json()
+    return book
 
 
 def tokenize(sandbox: Any, number: str = "4111111111111111") -> str:

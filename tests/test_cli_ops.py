@@ -53,16 +53,12 @@ def subscribe(cli: Cli, sandbox: Any, number: str, plan: int | None = None) -> i
 
 
 def invoice_of(cli: Cli, subscription_id: int) -> int:
+    """The id of the subscription's first invoice."""
     engine = make_engine(cli.env["DATABASE_URL"] or "")
     try:
         with make_session_factory(engine)() as session:
-            return (
-                session.execute(
-                    select(Invoice.id).where(Invoice.subscription_id == subscription_id).order_by(Invoice.period_index)
-                )
-                .scalars()
-                .first()
-            )  # type: ignore[return-value]
+            query = select(Invoice.id).where(Invoice.subscription_id == subscription_id)
+            return int(session.execute(query.order_by(Invoice.period_index)).scalars().first() or 0)
     finally:
         engine.dispose()
 
@@ -269,7 +265,7 @@ def test_resume_lifts_a_pause(cli: Cli) -> None:
 
 
 def test_clock_show_and_advance_the_database_clock(cli: Cli) -> None:
-    env = {"BILLING_CLOCK": "database"}
+    env: dict[str, str | None] = {"BILLING_CLOCK": "database"}
     shown = cli.json("clock", "show", env=env)
     assert shown["offset_seconds"] == 0 and shown["clock"] == "database"
     assert "test clock advanced by 31 days" in cli.ok("clock", "advance", "31d", env=env).output
@@ -298,7 +294,7 @@ def test_clock_show_and_advance_the_database_clock(cli: Cli) -> None:
     ],
 )
 def test_clock_advance_refuses_negative_zero_and_garbage_durations(cli: Cli, duration: str, message: str) -> None:
-    env = {"BILLING_CLOCK": "database"}
+    env: dict[str, str | None] = {"BILLING_CLOCK": "database"}
     cli.fails("clock", "advance", "--", duration, env=env, match=message, code=2)
     assert cli.json("clock", "show", env=env)["offset_seconds"] == 0
 

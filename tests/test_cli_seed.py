@@ -131,7 +131,7 @@ def _seed_tick_and_compare(cli: Cli, sandbox: Any, n: int) -> dict[str, Any]:
     first = cli.json("tick")
     assert first["opened"] == n
     assert sum(first["charges"].values()) == n
-    status = cli.json("status")
+    status: dict[str, Any] = cli.json("status")
     book = ledger(sandbox)
     assert_agrees_with_ledger(status, book, db_attempts(url))
     expected_paid = summary["by_card_kind"]["approve"]["created"]
