@@ -510,6 +510,11 @@ def _url(host: str, port: int) -> str:
     return f"http://{shown_host}:{port}/"
 
 
+def _client_host(host: str) -> str:
+    """Where a local client should connect: a wildcard bind address is reachable on loopback."""
+    return {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+
+
 class SandboxThread:
     """An emulator on its own event loop in a daemon thread; for tests and the embedded demo."""
 
@@ -529,7 +534,7 @@ class SandboxThread:
 
     @property
     def base_url(self) -> str:
-        return _url(self.config.host, self.port)
+        return _url(_client_host(self.config.host), self.port)
 
     @property
     def api_url(self) -> str:
