@@ -450,3 +450,24 @@ def test_an_unknown_or_missing_token_is_a_422(tpaga: Emulator) -> None:
 
 def test_a_refund_without_an_id_is_a_422(tpaga: Emulator) -> None:
     assert field_errors(tpaga.post("refund/credit_card", {})) == [("id", None)]
+
+
+def test_a_malformed_tokenize_body_is_never_echoed_back(tpaga: Emulator) -> None:
+    form = b"primaryAccountNumber=4111111111111111&cvc=123"
+
+    response = tpaga.post(
+        "tokenize/credit_card",
+        data=form,
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+        key=DEFAULT_PUBLIC_KEY,
+    )
+
+    assert field_errors(response) == [("body", None)]
+    assert "4111111111111111" not in response.text
+
+
+def test_invalid_charges_are_counted_but_not_recorded(tpaga: Emulator) -> None:
+    tpaga.post("charge/credit_card", {"creditCard": "nope", "amount": 1, "currency": "COP", "installments": 1})
+
+    assert tpaga.look("stats")["charges"]["invalid"] == 1
+    assert tpaga.ledger()["charges"] == []

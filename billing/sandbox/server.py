@@ -289,6 +289,7 @@ class Sandbox:
             record = self.state.charge(charge_request(body), self._delivery(fault))
             status, payload = (201 if record.approved else 402), render.dumps(render.charge(record))
         except ValidationFailed as exc:
+            self.state.stats.charges["invalid"] += 1
             status, payload = 422, render.dumps({"errors": [e.to_json() for e in exc.errors]})
         return await self._deliver(request, fault, status, payload, record)
 
@@ -303,7 +304,7 @@ class Sandbox:
         try:
             body = parse_json(await request.read(), request.charset, REFUND)
             result = self.state.refund(refund_request(body), self._delivery(fault))
-            record = self.state.refunds[-1]
+            record = result.record
             status = 202 if result.voided else 406
             payload = render.dumps(render.charge(result.charge))
         except ValidationFailed as exc:

@@ -114,8 +114,15 @@ class RefundRecord:
 @dataclass(frozen=True, slots=True)
 class RefundResult:
     charge: Charge
-    voided: bool
-    reason: str | None
+    record: RefundRecord
+
+    @property
+    def voided(self) -> bool:
+        return self.record.outcome == "voided"
+
+    @property
+    def reason(self) -> str | None:
+        return self.record.reason
 
 
 @dataclass(slots=True)
@@ -263,7 +270,6 @@ class SandboxState:
     def charge(self, request: ChargeRequest, delivery: str = "ok") -> Charge:
         card = self.cards.get(request.credit_card)
         if card is None:
-            self.stats.charges["invalid"] += 1
             raise ValidationFailed.one(CHARGE, "creditCard", request.credit_card, "unknown credit card")
         now = self.clock.now()
         code = self._next_code(card, now)
@@ -311,9 +317,10 @@ class SandboxState:
             charge.status = VOIDED
             charge.voided_at = now
         outcome = "refused" if reason else "voided"
-        self.refunds.append(RefundRecord(charge.id, outcome, reason, now, delivery))
+        record = RefundRecord(charge.id, outcome, reason, now, delivery)
+        self.refunds.append(record)
         self.stats.refunds[outcome] += 1
-        return RefundResult(charge, reason is None, reason)
+        return RefundResult(charge, record)
 
     def _refusal(self, charge: Charge, now: datetime) -> str | None:
         if charge.status == VOIDED:

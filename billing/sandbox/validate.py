@@ -32,14 +32,16 @@ def _no_constants(name: str) -> object:
 
 def parse_json(raw: bytes, charset: str | None, obj: str) -> dict[str, Any]:
     """The body as a JSON object; anything else is a 422 on the body itself."""
+    # A malformed tokenize body may hold a card number: never echo it back.
+    echo = obj != TOKEN
     try:
         text = raw.decode(charset or "utf-8")
         body = json.loads(text, parse_float=Decimal, parse_constant=_no_constants)
     except (LookupError, ValueError) as exc:
-        shown_body = raw[:80].decode("utf-8", "replace")
+        shown_body = raw[:80].decode("utf-8", "replace") if echo else None
         raise ValidationFailed.one(obj, "body", shown_body, f"the body must be JSON: {exc}") from None
     if not isinstance(body, dict):
-        raise ValidationFailed.one(obj, "body", body, "the body must be a JSON object")
+        raise ValidationFailed.one(obj, "body", body if echo else None, "the body must be a JSON object")
     return body
 
 
