@@ -66,6 +66,7 @@ class OutcomeUnknownError(TpagaError):
         operation: str | None = None,
         charge_id: str | None = None,
         cause: str | None = None,
+        error_code: str | None = None,
     ) -> None:
         if reason not in UNKNOWN_REASONS:
             raise ValueError(f"unknown reason {reason!r}")
@@ -73,6 +74,7 @@ class OutcomeUnknownError(TpagaError):
         self.reason: UnknownReason = reason
         self.charge_id = charge_id
         self.cause = cause
+        self.error_code = error_code  # Tpaga's code when a 402 carried an unknown-outcome code ("9999", "")
 
 
 class DeclinedError(TpagaError):
@@ -204,7 +206,14 @@ def error_from_response(operation: Operation[Any], status: int, body: bytes | st
         decline_class = classify(charge.error_code)
         if charge.paid or decline_class in (DeclineClass.UNKNOWN, DeclineClass.APPROVED):
             code = charge.error_code or "empty"
-            return _unknown(operation, status, "unknown_code", f"a 402 with errorCode {code}", charge_id=charge.id)
+            return _unknown(
+                operation,
+                status,
+                "unknown_code",
+                f"a 402 with errorCode {code}",
+                charge_id=charge.id,
+                error_code=charge.error_code,
+            )
         return DeclinedError(
             f"{name}: declined with errorCode {charge.error_code} ({decline_class.value})",
             charge=charge,

@@ -490,6 +490,7 @@ def _record_unknown(ctx: Context, invoice_id: int, attempt_id: int, exc: Excepti
             str(reason),
             getattr(exc, "charge_id", None),
             getattr(exc, "http_status", None),
+            getattr(exc, "error_code", None),
         )
     return ChargeOutcome(invoice_id, "unknown", attempt_id)
 
@@ -502,6 +503,7 @@ def mark_unknown(
     reason: str,
     charge_id: str | None,
     http_status: int | None,
+    error_code: str | None = None,
 ) -> bool:
     """Flag an attempt whose outcome is not known; its invoice goes to the review queue."""
     changed = _cas(
@@ -511,6 +513,7 @@ def mark_unknown(
         (AttemptState.SENDING,),
         state=AttemptState.UNKNOWN,
         unknown_reason=reason[:64],
+        error_code=error_code,
         tpaga_charge_id=charge_id,
         http_status=http_status,
         finished_at=now,

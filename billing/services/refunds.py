@@ -30,7 +30,7 @@ class RefundOutcome:
     created: bool = False
 
     def as_dict(self) -> dict[str, Any]:
-        return {"refund_id": self.refund_id, "state": self.state, "created": self.created}
+        return {"refund_id": self.refund_id, "state": str(self.state), "created": self.created}
 
 
 def request_refund(ctx: Context, *, invoice_id: int, reason: str) -> RefundOutcome:
