@@ -13,7 +13,7 @@ from tasks.config import TaskSettings, celery_config
 from tasks.runtime import Runtime
 
 # Loads `.env` (without overriding the environment) and fails fast on a malformed setting.
-_settings = Settings.from_env()
+Settings.from_env()
 task_settings = TaskSettings.from_env(os.environ)
 
 app = Celery("billing", task_cls="tasks.base:BillingTask")

@@ -222,7 +222,6 @@ def celery_config(settings: TaskSettings) -> dict[str, Any]:
         "task_routes": {name: {"queue": queue} for name, queue in ROUTES.items()},
         "task_create_missing_queues": True,
         "beat_schedule": beat_schedule(settings),
-        "worker_hijack_root_logger": True,
     }
     if settings.is_redis:
         # Only for Redis: kombu's SQLAlchemy transport passes transport options to create_engine().

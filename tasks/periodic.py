@@ -12,6 +12,7 @@ from typing import Any
 from celery import Task
 from kombu.exceptions import ChannelError
 
+from billing.db import control
 from billing.services import invoicing, reconcile, refunds, tick
 from billing.services.context import Context
 from billing.services.outbox import relay_outbox as relay_outbox_service
@@ -84,8 +85,11 @@ def open_due_invoices(ctx: Context) -> dict[str, Any]:
 @_periodic(names.ENQUEUE_DUE_INVOICES)
 def enqueue_due_invoices(ctx: Context) -> dict[str, Any]:
     """The sweep: re-enqueue charge_invoice for open invoices whose time has come and gone (dunning retries,
-    new cards, lost messages). Skipped while the charges queue already holds a full batch."""
+    new cards, lost messages). Skipped while billing is paused or the charges queue holds a full batch."""
     settings = runtime.task_settings
+    with ctx.sessions() as session:
+        if control.get_pause(session) is not None:
+            return {"enqueued": 0, "skipped": "billing paused"}
     depth = queue_depth(names.CHARGES)
     if depth is not None and depth >= settings.sweep_limit:
         return {"enqueued": 0, "skipped": "charges queue backlog", "queue_depth": depth}
