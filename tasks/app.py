@@ -10,7 +10,7 @@ from celery import Celery, Task
 
 from billing.config import Settings
 from tasks.config import TaskSettings, celery_config
-from tasks.runtime import Runtime
+from tasks.wiring import Runtime
 
 # Loads `.env` (without overriding the environment) and fails fast on a malformed setting.
 Settings.from_env()

@@ -1,4 +1,5 @@
-"""The service Context of a worker process: built lazily on first use, once per process, shared by threads.
+"""Wiring of a worker process: the service Context, built lazily on first use, once per process, shared by
+threads.
 
 Never at import time (beat, Flower and `celery inspect` import the app and need no database or gateway), and
 rebuilt after a fork: a prefork child must not reuse the parent's pooled connections.
