@@ -75,16 +75,10 @@ def test_flower_shows_tasks_with_secrets_masked(
     )
     port = free_port()
     base = f"http://127.0.0.1:{port}"
+    # As in docker-compose.yml: basic auth from FLOWER_BASIC_AUTH (not on the command line), read-only.
     flower = CeleryProcess(
-        [
-            "flower",
-            "--address=127.0.0.1",
-            f"--port={port}",
-            f"--basic-auth={AUTH[0]}:{AUTH[1]}",
-            "--read_only",
-            "--inspect_timeout=3000",
-        ],
-        env,
+        ["flower", "--address=127.0.0.1", f"--port={port}", "--read_only", "--inspect_timeout=3000"],
+        env | {"FLOWER_BASIC_AUTH": f"{AUTH[0]}:{AUTH[1]}"},
         tmp_path / "flower.log",
     )
     sender = Celery("another-app", broker=redis_db_url)
@@ -160,7 +154,8 @@ def test_flower_shows_tasks_with_secrets_masked(
                     assert secret not in log
 
             # And Flower refuses anonymous readers and every state-changing call
-            assert requests.get(base + "/api/tasks", timeout=10).status_code == 401
+            for path in ("/api/tasks", "/tasks", f"/task/{charge}", "/workers"):
+                assert requests.get(base + path, timeout=10).status_code == 401, path
             revoke = requests.post(base + f"/api/task/revoke/{charge}", auth=AUTH, timeout=10)
             assert revoke.status_code == 403
             apply = requests.post(
