@@ -9,6 +9,7 @@ from typing import Any, cast
 from celery import Celery, Task
 
 from billing.config import Settings
+from tasks.base import BillingTask
 from tasks.config import TaskSettings, celery_config
 from tasks.wiring import Runtime
 
@@ -16,12 +17,13 @@ from tasks.wiring import Runtime
 Settings.from_env()
 task_settings = TaskSettings.from_env(os.environ)
 
-app = Celery("billing", task_cls="tasks.base:BillingTask")
+# Only our tasks get BillingTask (see `task`); Celery's built-in tasks keep their own base.
+app = Celery("billing")
 app.conf.update(celery_config(task_settings))
 
 runtime = Runtime(app, task_settings)
 
 
 def task(name: str, **options: Any) -> Callable[[Callable[..., Any]], Task]:
-    """`app.task` with an explicit, stable name (typed for mypy: the result is a Task)."""
-    return cast(Callable[[Callable[..., Any]], Task], app.task(name=name, **options))
+    """`app.task` with an explicit, stable name and the BillingTask base (typed for mypy: the result is a Task)."""
+    return cast(Callable[[Callable[..., Any]], Task], app.task(name=name, base=BillingTask, **options))

@@ -157,3 +157,11 @@ def test_task_input_errors_are_expected_and_never_retried() -> None:
         task = app.tasks[name]
         assert TaskInputError in task.throws
         assert not getattr(task, "autoretry_for", ())
+
+
+def test_billing_tasks_and_only_they_use_the_masking_base_class() -> None:
+    from tasks.base import BillingTask, MaskingRequest
+
+    for name, task in app.tasks.items():
+        assert isinstance(task, BillingTask) == name.startswith("billing."), name
+    assert all(app.tasks[name].Request is MaskingRequest for name in config.ALL_TASKS)
