@@ -9,6 +9,7 @@ from typing import Any, cast
 from celery import Celery, Task
 
 from billing.config import Settings
+from tasks import logs
 from tasks.base import BillingTask
 from tasks.config import TaskSettings, celery_config
 from tasks.wiring import Runtime
@@ -22,6 +23,8 @@ app = Celery("billing")
 app.conf.update(celery_config(task_settings))
 
 runtime = Runtime(app, task_settings)
+# Celery logs the whole body of a message it cannot run (a misspelled task name): keep tokens out of it.
+logs.install()
 
 
 def task(name: str, **options: Any) -> Callable[[Callable[..., Any]], Task]:

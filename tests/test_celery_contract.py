@@ -156,11 +156,18 @@ def test_every_public_task_sent_by_name_from_another_app(
             ),
             "unknown_refund": ("billing.execute_refund", "billing.refunds", [], {"refund_id": 987654}),
         }
+        misspelled = (
+            "misspelled",
+            "billing.attach_crd",
+            "billing.default",
+            [],
+            {"customer_id": bob, "token": bogus_token},
+        )
         good = [
             ("charge", "billing.charge_invoice", "billing.charges", [], {"invoice_id": ada_invoice}),
             ("attach", "billing.attach_card", "billing.default", [], {"customer_id": bob, "token": bob_token}),
         ]
-        ids = send_by_name(redis_db_url, good + [(key, *spec) for key, spec in bad.items()])
+        ids = send_by_name(redis_db_url, [*good, misspelled, *[(key, *spec) for key, spec in bad.items()]])
 
         # Then the invoice is paid and the card attached
         def ada_paid() -> bool:
@@ -201,6 +208,8 @@ def test_every_public_task_sent_by_name_from_another_app(
             assert len(lines) == 1, (key, lines)
             assert "raised expected: TaskInputError" in lines[0], (key, lines[0])
             assert message in lines[0], (key, lines[0])
+        # A misspelled name is discarded, logged without its arguments (the token).
+        proc.wait_for_log(r"Received unregistered task of type 'billing.attach_crd'", timeout_seconds=15)
         with ctx.sessions() as s:
             assert s.get(Subscription, ada_sub).status == "active"  # type: ignore[union-attr]
             assert s.execute(select(func.count(ChargeAttempt.id))).scalar_one() == 1

@@ -152,3 +152,24 @@ def test_send_uses_each_tasks_queue() -> None:
     send(sender, "billing.request_refund", invoice_id=5, reason="asked")  # type: ignore[arg-type]
     assert [options["queue"] for _, options in sender.calls] == ["billing.charges", "billing.refunds"]
     assert sender.calls[0][1]["kwargsrepr"] == "{'invoice_id': 5}"
+
+
+def test_the_consumer_logs_a_misspelled_tasks_message_without_its_arguments(caplog: pytest.LogCaptureFixture) -> None:
+    from celery.worker.consumer import consumer
+
+    from tasks.logs import HIDDEN_BODY
+
+    headers = {"task": "billing.attach_crd", "id": "x1", "kwargsrepr": f"{{'token': '{TOKEN}'}}"}
+    with caplog.at_level("ERROR", logger=consumer.logger.name):
+        consumer.logger.error(
+            consumer.UNKNOWN_TASK_ERROR,
+            KeyError("billing.attach_crd"),
+            f"[[], {{'token': '{TOKEN}'}}, {{}}] (90b)",
+            headers,
+            {"routing_key": "billing.default"},
+        )
+        consumer.logger.error(consumer.INVALID_TASK_ERROR, ValueError("bad"), f"{{'token': '{TOKEN}'}}")
+    text = caplog.text
+    assert TOKEN not in text
+    assert "billing.attach_crd" in text
+    assert text.count(HIDDEN_BODY) == 2
