@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,13 +26,20 @@ def _load_dotenv() -> None:
         load_dotenv(path, override=False)
 
 
+def _is_loopback_ip(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a name, not an address: only "localhost" counts
+        return False
+
+
 def validate_api_url(url: str) -> str:
     """Require https except for loopback hosts; return the URL with a trailing slash."""
     parsed = urlparse(url)
     if parsed.scheme not in ("http", "https") or not parsed.hostname:
         raise ConfigError(f"TPAGA_API_URL must be an http(s) URL, got {url!r}")
     host = parsed.hostname
-    is_loopback = host in LOOPBACK_HOSTS or host.startswith("127.")
+    is_loopback = host in LOOPBACK_HOSTS or _is_loopback_ip(host)
     if parsed.scheme != "https" and not is_loopback:
         raise ConfigError("TPAGA_API_URL must use https unless it points at a loopback address")
     return url if url.endswith("/") else url + "/"
@@ -107,9 +115,7 @@ class Settings:
             raise ConfigError(f"BILLING_REFUND_WINDOW must be '24h' or 'same_day', got {refund_window!r}")
         final_action = env.get("BILLING_DUNNING_FINAL_ACTION", "unpaid") or "unpaid"
         if final_action not in ("unpaid", "canceled"):
-            raise ConfigError(
-                f"BILLING_DUNNING_FINAL_ACTION must be 'unpaid' or 'canceled', got {final_action!r}"
-            )
+            raise ConfigError(f"BILLING_DUNNING_FINAL_ACTION must be 'unpaid' or 'canceled', got {final_action!r}")
         clock = env.get("BILLING_CLOCK", "system") or "system"
         if clock not in ("system", "database"):
             raise ConfigError(f"BILLING_CLOCK must be 'system' or 'database', got {clock!r}")
