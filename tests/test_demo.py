@@ -1,0 +1,28 @@
+"""The README's main job: `billing demo` in an empty directory, on the embedded default, with real processes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+@pytest.mark.slow
+def test_the_demo_runs_months_of_billing_and_the_ledger_agrees_with_the_database(tmp_path: Path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DATABASE_URL", "CELERY_", "TPAGA_", "BILLING_"))}
+    billing = Path(sys.executable).with_name("billing")
+    proc = subprocess.run(
+        [str(billing), "demo", "--months", "1"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    assert "OK: ledger and database agree" in out
+    # every scenario of the demo happened
+    assert "recovers on retry" in out and "voided" in out and "expired" in out
+    assert "43        hard      declined" in out and "9999      unknown   unknown" in out
+    assert (tmp_path / "billing.db").exists() and (tmp_path / "celery-broker.db").exists()
+    logs = (tmp_path / "demo-logs" / "worker.log").read_text()
+    assert "d13fr8n7vhvkuch3lq2ds5qhjnd2pdd2" not in logs  # the private key never reaches the worker's log
