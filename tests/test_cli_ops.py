@@ -343,8 +343,9 @@ def test_cancel_at_period_end_of_an_unpaid_subscription_takes_effect(clocked: Cl
     """An unpaid subscription renews no more (no next billing time): 'at period end' can only mean now."""
     sub = subscribe(clocked, sandbox, DECLINES_51)
     clocked.ok("tick")
-    clocked.ok("clock", "advance", "8d", "--sandbox-url", sandbox.base_url)
-    clocked.ok("tick")
+    for step in ("1d1h", "2d", "2d", "2d"):  # the dunning retries at 1, 3, 5 and 7 days
+        clocked.ok("clock", "advance", step, "--sandbox-url", sandbox.base_url)
+        clocked.ok("tick")
     [row] = clocked.json("subscriptions", "list")
     assert row["status"] == "unpaid" and row["next_billing_at"] is None
     out = clocked.ok("subscriptions", "cancel", str(sub), "--at-period-end").output

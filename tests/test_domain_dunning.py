@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
@@ -65,11 +66,32 @@ def test_a_late_retry_does_not_push_the_rest_of_the_schedule_back() -> None:
     assert soft(DEFAULT, 2, FIRST_FAILURE + days(1) + timedelta(hours=20)).retry_at == FIRST_FAILURE + days(3)
 
 
-def test_a_retry_whose_time_has_already_passed_is_due_now() -> None:
+def test_a_retry_whose_time_has_already_passed_waits_the_minimum_gap_instead_of_firing_at_once() -> None:
     now = FIRST_FAILURE + days(4)  # the worker was down; day 3 is past
     decision = soft(DEFAULT, 2, now)
     assert decision.action is Action.RETRY
-    assert decision.retry_at == now
+    assert decision.retry_at == now + timedelta(hours=12)
+
+
+def test_after_a_week_of_downtime_the_remaining_retries_stay_at_least_the_minimum_gap_apart() -> None:
+    now = FIRST_FAILURE + days(8)
+    times = []
+    for failures in (2, 3, 4):
+        decision = soft(DEFAULT, failures, now)
+        times.append(decision.retry_at)
+        now = decision.retry_at
+    assert all(b - a >= timedelta(hours=12) for a, b in itertools.pairwise(times))
+
+
+def test_a_zero_gap_policy_retries_a_late_schedule_at_once() -> None:
+    policy = DunningPolicy(min_retry_gap=timedelta(0))
+    now = FIRST_FAILURE + days(4)
+    assert soft(policy, 2, now).retry_at == now
+
+
+def test_a_negative_minimum_gap_is_refused() -> None:
+    with pytest.raises(ValueError, match="min_retry_gap"):
+        DunningPolicy(min_retry_gap=timedelta(hours=-1))
 
 
 @pytest.mark.parametrize(
@@ -248,7 +270,9 @@ def test_soft_dunning_retries_never_go_back_in_time_and_end_after_the_last_retry
             assert decision.action is Action.RETRY
             assert decision.retry_at is not None
             assert decision.retry_at >= now
-            assert decision.retry_at == max(now, FIRST_FAILURE + days(policy.retry_days[soft_failures - 1]))
+            assert decision.retry_at == max(
+                now + policy.min_retry_gap, FIRST_FAILURE + days(policy.retry_days[soft_failures - 1])
+            )
         else:
             assert decision.action is Action.UNCOLLECTIBLE
             assert decision.subscription_status is policy.final_status

@@ -35,6 +35,8 @@ class DunningPolicy:
 
     retry_days: tuple[int, ...] = (1, 3, 5, 7)
     final_action: str = "unpaid"
+    # Card networks penalise rapid retries: after downtime, a late schedule is spread out, not fired at once.
+    min_retry_gap: timedelta = timedelta(hours=12)
 
     def __post_init__(self) -> None:
         days = self.retry_days
@@ -44,6 +46,8 @@ class DunningPolicy:
             raise ValueError(f"retry_days must be whole days (int), got {days!r}")
         if any(d <= 0 for d in days) or any(a >= b for a, b in pairwise(days)):
             raise ValueError(f"retry_days must be strictly increasing positive days, got {days!r}")
+        if not isinstance(self.min_retry_gap, timedelta) or self.min_retry_gap < timedelta(0):
+            raise ValueError(f"min_retry_gap must be a non-negative timedelta, got {self.min_retry_gap!r}")
         if self.final_action not in FINAL_ACTIONS:
             raise ValueError(f"final_action must be 'unpaid' or 'canceled', got {self.final_action!r}")
 
@@ -125,7 +129,8 @@ def decide_after_decline(
     """The decision after a declined (or unknown) charge of one invoice.
 
     `soft_failures` counts this invoice's soft declines INCLUDING the one just recorded.
-    Soft: retry at first_failure_at + retry_days[soft_failures - 1] (or now, if that is past),
+    Soft: retry at first_failure_at + retry_days[soft_failures - 1], but never sooner than
+    `min_retry_gap` after this decline (so a schedule that fell behind is not fired all at once),
     subscription past_due; once retries are exhausted the invoice is uncollectible and the
     subscription takes the policy's final status. Hard: wait for a new card. Merchant: pause,
     spending none of the customer's attempts. Unknown: review. Approved is not a decline and
@@ -162,7 +167,7 @@ def decide_after_decline(
     retry_at = first_failure_at + timedelta(days=policy.retry_days[soft_failures - 1])
     return DunningDecision(
         action=Action.RETRY,
-        retry_at=max(retry_at, now).astimezone(UTC),
+        retry_at=max(retry_at, now + policy.min_retry_gap).astimezone(UTC),
         subscription_status=SubscriptionStatus.PAST_DUE,
         card_unusable=False,
         counts_as_attempt=True,
