@@ -40,18 +40,33 @@ class FakeGateway:
 
     def create_customer(self, **fields: Any) -> Customer:
         self.calls["create_customer"] += 1
-        return Customer(id=self._id("cus"), first_name=fields.get("first_name"), last_name=fields.get("last_name"),
-                        email=fields.get("email"), phone=None, merchant_customer_id=fields.get("merchant_customer_id"))
+        return Customer(
+            id=self._id("cus"),
+            first_name=fields.get("first_name"),
+            last_name=fields.get("last_name"),
+            email=fields.get("email"),
+            phone=None,
+            merchant_customer_id=fields.get("merchant_customer_id"),
+        )
 
     def associate_card(self, customer_id: str, temp_token: str) -> CreditCard:
         self.calls["associate_card"] += 1
         card_id = self._id("card")
         self._card_scripts[card_id] = list(self.scripts.get(temp_token, DEFAULT_SCRIPT))
         failed = temp_token in self.validation_fail
-        return CreditCard(id=card_id, customer_id=customer_id, bin="411111", last_four="1111", brand="VISA",
-                          expiration_month=12, expiration_year=2030, card_holder_name="Test",
-                          fingerprint=None, validation_successful=not failed,
-                          validation_error_code="04" if failed else "00")
+        return CreditCard(
+            id=card_id,
+            customer_id=customer_id,
+            bin="411111",
+            last_four="1111",
+            brand="VISA",
+            expiration_month=12,
+            expiration_year=2030,
+            card_holder_name="Test",
+            fingerprint=None,
+            validation_successful=not failed,
+            validation_error_code="04" if failed else "00",
+        )
 
     def script_card(self, card_id: str, outcomes: list[str]) -> None:
         self._card_scripts[card_id] = list(outcomes)
@@ -61,14 +76,27 @@ class FakeGateway:
         return script.pop(0) if len(script) > 1 else script[0]
 
     def _charge(self, card_id: str, amount: Decimal, currency: str, order_id: str, code: str, paid: bool) -> Charge:
-        return Charge(id=self._id("ch"), amount=amount, currency=currency, card_id=card_id, customer_id=None,
-                      order_id=order_id, paid=paid, status="authorized" if paid else "processor_declined",
-                      authorization_code="123456" if paid else None, error_code=code,
-                      error_message="Approved" if paid else "Declined", installments=1, net_amount=None,
-                      tpaga_fee_amount=None, date_created=datetime(2026, 1, 1, tzinfo=UTC))
+        return Charge(
+            id=self._id("ch"),
+            amount=amount,
+            currency=currency,
+            card_id=card_id,
+            customer_id=None,
+            order_id=order_id,
+            paid=paid,
+            status="authorized" if paid else "processor_declined",
+            authorization_code="123456" if paid else None,
+            error_code=code,
+            error_message="Approved" if paid else "Declined",
+            installments=1,
+            net_amount=None,
+            tpaga_fee_amount=None,
+            date_created=datetime(2026, 1, 1, tzinfo=UTC),
+        )
 
-    def charge(self, *, card_id: str, amount: Decimal, currency: str, order_id: str,
-               description: str | None = None) -> Charge:
+    def charge(
+        self, *, card_id: str, amount: Decimal, currency: str, order_id: str, description: str | None = None
+    ) -> Charge:
         with self._lock:
             self.calls["charge"] += 1
             if not self.authorized:

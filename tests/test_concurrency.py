@@ -38,7 +38,8 @@ def _check(world: World, subscriptions: int, periods: int) -> None:
         invoices = s.execute(select(func.count(Invoice.id))).scalar_one()
         paid = s.execute(select(func.count(Invoice.id)).where(Invoice.state == "paid")).scalar_one()
         approved = s.execute(
-            select(ChargeAttempt.invoice_id, func.count()).where(ChargeAttempt.state == "approved")
+            select(ChargeAttempt.invoice_id, func.count())
+            .where(ChargeAttempt.state == "approved")
             .group_by(ChargeAttempt.invoice_id)
         ).all()
     assert invoices == subscriptions * periods
@@ -85,5 +86,3 @@ def test_concurrent_ticks_on_postgresql_never_duplicate_an_invoice_or_a_charge(p
 @pytest.mark.postgres
 def test_the_same_invoice_charged_by_eight_threads_on_postgresql_is_charged_once(pg_url: str):
     _duplicate_delivery(pg_url)
-
-

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -54,8 +55,11 @@ class World:
 
     def invoices(self, subscription_id: int) -> list[Invoice]:
         with self.ctx.sessions() as s:
-            return list(s.execute(select(Invoice).where(Invoice.subscription_id == subscription_id)
-                                  .order_by(Invoice.period_index)).scalars())
+            return list(
+                s.execute(
+                    select(Invoice).where(Invoice.subscription_id == subscription_id).order_by(Invoice.period_index)
+                ).scalars()
+            )
 
     def subscription(self, subscription_id: int) -> Subscription:
         with self.ctx.sessions() as s:
@@ -65,8 +69,13 @@ class World:
 
     def attempts(self, invoice_id: int) -> list[ChargeAttempt]:
         with self.ctx.sessions() as s:
-            return list(s.execute(select(ChargeAttempt).where(ChargeAttempt.invoice_id == invoice_id)
-                                  .order_by(ChargeAttempt.attempt_number)).scalars())
+            return list(
+                s.execute(
+                    select(ChargeAttempt)
+                    .where(ChargeAttempt.invoice_id == invoice_id)
+                    .order_by(ChargeAttempt.attempt_number)
+                ).scalars()
+            )
 
     def status(self) -> dict[str, object]:
         with self.ctx.sessions() as s:
@@ -78,8 +87,7 @@ def make_world(url: str, policy: DunningPolicy | None = None) -> World:
     Base.metadata.create_all(engine)
     clock = TestClock(START)
     gateway = FakeGateway()
-    ctx = Context(sessions=make_session_factory(engine), gateway=gateway, clock=clock,
-                  policy=policy or DunningPolicy())
+    ctx = Context(sessions=make_session_factory(engine), gateway=gateway, clock=clock, policy=policy or DunningPolicy())
     plan_id = catalog.create_plan(ctx, code="pro", name="Pro", amount=Money(4_500_000, "COP"))
     return World(ctx, clock, gateway, plan_id)
 
@@ -93,7 +101,8 @@ def no_double_charges(world: World) -> None:
     assert all(n == 1 for n in world.gateway.approved_by_order().values())
     with world.ctx.sessions() as s:
         per_invoice = s.execute(
-            select(ChargeAttempt.invoice_id, func.count()).where(ChargeAttempt.state == "approved")
+            select(ChargeAttempt.invoice_id, func.count())
+            .where(ChargeAttempt.state == "approved")
             .group_by(ChargeAttempt.invoice_id)
         ).all()
     assert all(n == 1 for _, n in per_invoice)
@@ -112,7 +121,7 @@ def test_a_monthly_subscription_is_charged_once_per_period_for_a_year_and_the_an
     starts = [i.period_start.astimezone(UTC) for i in invoices]
     # Jan 31 anchor: Feb 28, Mar 31, Apr 30 ... the day returns to 31 whenever the month has one
     assert [s.day for s in starts[:5]] == [31, 28, 31, 30, 31]
-    assert all(a.period_end == b.period_start for a, b in zip(invoices, invoices[1:], strict=False))
+    assert all(a.period_end == b.period_start for a, b in itertools.pairwise(invoices))
     no_double_charges(world)
 
 
@@ -151,7 +160,7 @@ def test_soft_declines_follow_the_dunning_schedule_then_the_invoice_is_uncollect
     for day in (1, 3, 5, 7):
         world.clock.set(invoice.first_failure_at + timedelta(days=day, minutes=1))
         world.tick()
-    (invoice, *rest) = world.invoices(sub_id)
+    (invoice, *_rest) = world.invoices(sub_id)
     assert invoice.state == "uncollectible"
     assert invoice.soft_failures == 5
     assert world.gateway.calls["charge"] == 5
@@ -409,8 +418,10 @@ def test_cancel_at_period_end_stops_renewal_but_keeps_the_paid_period(world: Wor
         (lambda w: catalog.create_plan(w.ctx, code="x y", name="", amount=Money(100, "COP")), InvalidRequest),
         (lambda w: catalog.create_plan(w.ctx, code="half", name="", amount=Money(150, "COP")), InvalidRequest),
         (lambda w: catalog.create_plan(w.ctx, code="pro", name="", amount=Money(100, "COP")), InvalidRequest),
-        (lambda w: catalog.create_plan(w.ctx, code="q", name="", amount=Money(100, "COP"), interval="fortnight"),
-         InvalidRequest),
+        (
+            lambda w: catalog.create_plan(w.ctx, code="q", name="", amount=Money(100, "COP"), interval="fortnight"),
+            InvalidRequest,
+        ),
         (lambda w: resolve_review(w.ctx, invoice_id=1, charged=False), InvalidRequest),
     ],
 )
