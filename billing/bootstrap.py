@@ -8,7 +8,7 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from billing.clock import Clock, SystemClock
-from billing.config import ConfigError, Settings
+from billing.config import Settings
 from billing.db.control import DatabaseClock
 from billing.db.engine import make_engine, make_session_factory
 from billing.domain.dunning import DunningPolicy
@@ -23,15 +23,7 @@ def build_clock(settings: Settings, sessions: sessionmaker[Session]) -> Clock:
 def build_gateway(settings: Settings) -> Gateway:
     from billing.gateway import TpagaClient
 
-    if not settings.tpaga_private_key:
-        raise ConfigError("TPAGA_PRIVATE_KEY is not set")
-    return TpagaClient(
-        settings.tpaga_api_url,
-        settings.tpaga_private_key,
-        settings.tpaga_public_key,
-        connect_timeout_seconds=settings.connect_timeout_seconds,
-        read_timeout_seconds=settings.read_timeout_seconds,
-    )
+    return TpagaClient.from_settings(settings)
 
 
 def build_context(
