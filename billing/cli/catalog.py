@@ -8,6 +8,7 @@ from typing import Any
 import click
 
 from billing.cli.common import (
+    ID,
     database_option,
     echo_json,
     echo_table,
@@ -247,7 +248,7 @@ def _read_token(token: str) -> str:
 
 
 @cards.command("attach")
-@click.option("--customer", "customer_id", required=True, type=int, help="Customer id (ours).")
+@click.option("--customer", "customer_id", required=True, type=ID, help="Customer id (ours).")
 @click.option(
     "--token",
     required=True,
@@ -288,7 +289,7 @@ def cards_attach(customer_id: int, token: str, as_json: bool, database_url: str 
 
 
 @cards.command("list")
-@click.option("--customer", "customer_id", type=int, default=None, help="Only this customer's cards.")
+@click.option("--customer", "customer_id", type=ID, default=None, help="Only this customer's cards.")
 @_limit_option
 @json_option
 @database_option
@@ -351,9 +352,9 @@ def subscriptions() -> None:
 
 
 @subscriptions.command("create")
-@click.option("--customer", "customer_id", required=True, type=int, help="Customer id.")
-@click.option("--plan", "plan_id", required=True, type=int, help="Plan id.")
-@click.option("--card", "card_id", type=int, default=None, help="Card id [default: the customer's newest usable].")
+@click.option("--customer", "customer_id", required=True, type=ID, help="Customer id.")
+@click.option("--plan", "plan_id", required=True, type=ID, help="Plan id.")
+@click.option("--card", "card_id", type=ID, default=None, help="Card id [default: the customer's newest usable].")
 @click.option("--trial-days", type=int, default=None, help="Override the plan's trial days.")
 @json_option
 @database_option
@@ -394,7 +395,7 @@ def subscriptions_create(
     type=click.Choice([s.value for s in SubscriptionStatus]),
     help="Only these statuses (repeatable).",
 )
-@click.option("--customer", "customer_id", type=int, default=None, help="Only this customer's subscriptions.")
+@click.option("--customer", "customer_id", type=ID, default=None, help="Only this customer's subscriptions.")
 @_limit_option
 @json_option
 @database_option
@@ -459,7 +460,7 @@ def subscriptions_list(
 
 
 @subscriptions.command("cancel")
-@click.argument("subscription_id", type=int)
+@click.argument("subscription_id", type=ID)
 @click.option("--at-period-end", is_flag=True, help="Keep it until the current period ends.")
 @click.option(
     "--refund-last-charge", is_flag=True, help="Also void the last paid charge (only inside the void window)."

@@ -26,6 +26,9 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 DATABASE_URL_HELP = "SQLAlchemy database URL [default: DATABASE_URL, else sqlite:///billing.db]"
+# Our ids are PostgreSQL bigints: a larger number names nothing, and sent to the database it would fail as
+# "bigint out of range" (reported as an unusable database). Refuse it as the usage error it is.
+ID = click.IntRange(1, 2**63 - 1)
 
 
 # --- settings and context --------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from typing import Any
 import click
 
 from billing.cli.common import (
+    ID,
     database_option,
     echo_json,
     echo_table,
@@ -176,7 +177,7 @@ def review_list(as_json: bool, database_url: str | None) -> None:
 
 
 @review.command("resolve")
-@click.argument("invoice_id", type=int)
+@click.argument("invoice_id", type=ID)
 @click.option(
     "--charged/--not-charged",
     "charged",
@@ -214,7 +215,7 @@ def review_resolve(invoice_id: int, charged: bool | None, charge_id: str | None,
 
 
 @click.command()
-@click.argument("invoice_id", type=int)
+@click.argument("invoice_id", type=ID)
 @click.option("--reason", required=True, help="Why (kept with the refund; at most 255 characters).")
 @json_option
 @database_option
