@@ -9,7 +9,7 @@ from typing import Any, cast
 from celery import Celery, Task
 
 from billing.config import Settings
-from tasks import logs
+from tasks import logs, monitor
 from tasks.base import BillingTask
 from tasks.config import TaskSettings, celery_config
 from tasks.wiring import Runtime
@@ -25,6 +25,8 @@ app.conf.update(celery_config(task_settings))
 runtime = Runtime(app, task_settings)
 # Celery logs the whole body of a message it cannot run (a misspelled task name): keep tokens out of it.
 logs.install()
+# Flower keeps the arguments a SENDER put in its task-sent event: only our worker's masked ones may show.
+monitor.install()
 
 
 def task(name: str, **options: Any) -> Callable[[Callable[..., Any]], Task]:
