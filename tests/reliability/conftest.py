@@ -1,0 +1,74 @@
+"""Fixtures of the reliability suite, and the figures file it leaves behind.
+
+Every test here is marked `reliability` (run them alone with `pytest -m reliability`); they need PostgreSQL,
+the redis-server binary (each test starts its own server on a free port) and start real Celery processes.
+At the end of the session the figures of every scenario that ran are written to
+`bench-results/reliability.json` and summarised in the terminal.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import service_missing
+from tests.reliability.harness import FIGURES, SCALE, World
+
+RESULTS = Path(__file__).resolve().parents[2] / "bench-results"
+
+
+@pytest.fixture
+def make_world(pg_url: str, sandbox_factory: Any, tmp_path: Path) -> Iterator[Callable[..., World]]:
+    """`make_world(name, **emulator config)`: one world per test, closed (every process stopped) afterwards."""
+    if shutil.which("redis-server") is None:
+        service_missing("redis-server", "the binary is not installed; the suite starts its own server")
+    made: list[World] = []
+
+    def make(name: str, **sandbox_config: Any) -> World:
+        assert not made, "one world per test"
+        sandbox_config.setdefault("seed", 7)
+        world = World.create(name, tmp_path, pg_url, sandbox_factory(**sandbox_config))
+        made.append(world)
+        return world
+
+    yield make
+    for world in made:
+        world.close()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if not FIGURES:
+        return
+    RESULTS.mkdir(exist_ok=True)
+    report = {
+        "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "scale": SCALE,
+        "python": platform.python_version(),
+        "machine": f"{platform.machine()}, {__import__('os').cpu_count()} cores",
+        "exit_status": int(exitstatus),
+        "scenarios": FIGURES,
+    }
+    text = json.dumps(report, indent=2, sort_keys=False, default=str)
+    (RESULTS / "reliability.json").write_text(text + "\n")
+    (RESULTS / f"reliability-{time.strftime('%Y%m%d-%H%M%S')}.json").write_text(text + "\n")
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if not FIGURES:
+        return
+    write = terminalreporter.write_line
+    write("")
+    write(f"reliability figures (RELIABILITY_SCALE={SCALE:g}; bench-results/reliability.json):")
+    for name, fig in FIGURES.items():
+        write(
+            f"  {name}: {fig.get('seconds', '?')}s, kills {fig.get('kills', 0)}, "
+            f"charges at Tpaga {fig.get('approved_at_tpaga', '?')}, double {fig.get('double_charges', '?')}, "
+            f"lost {fig.get('lost_renewals', '?')}, ambiguous flagged {fig.get('ambiguous_flagged', '?')}"
+        )

@@ -1,0 +1,77 @@
+"""Scenario 4, database faults: the workers' PostgreSQL connections are terminated again and again while
+billing runs (`pg_terminate_backend`, only this test's connections, found by their application_name).
+
+Workers must recover (the pool reconnects), interrupted tasks retry with short countdowns, outcomes already
+paid for at Tpaga are recorded after a retry, and nothing is lost or charged twice.
+
+A full restart of the shared PostgreSQL server would disturb whatever else runs on it, so it only happens in
+the full run with RELIABILITY_PG_RESTART=1 (`pg_ctlcluster --skip-systemctl-redirect <version> main restart`).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.reliability.harness import scaled, timed
+from tests.reliability.proof import prove
+
+pytestmark = [pytest.mark.reliability, pytest.mark.celery, pytest.mark.postgres, pytest.mark.slow]
+
+
+def _run(world: Any, figures: dict[str, Any], fault: Any, rounds: int) -> None:
+    total = scaled(200)
+    world.seed(approve=total - 4, soft=2, unknown=2)
+    workers = [world.start_worker(name) for name in ("w1", "w2")]
+    for proc in workers:
+        proc.wait_for_log(r"ready\.", 60)
+    world.start_beat()
+    world.wait_for("select count(*) >= :n from charge_attempts", "billing under way", 60, n=scaled(20))
+    killed = 0
+    for _ in range(rounds):
+        killed += fault()
+        time.sleep(1.5)
+    figures["fault_rounds"] = rounds
+    figures["connections_terminated"] = killed
+    assert world.wait_settled(120), world.counts()
+    log = world.logs()
+    figures["task_retries_after_database_errors"] = len(re.findall(r"retry: Retry in", log))
+    figures["outcome_recording_retries"] = log.count("recording a charge outcome failed")
+    for proc in workers:
+        proc.stop()
+
+
+def test_database_connections_terminated_mid_run_lose_nothing(make_world: Any) -> None:
+    figures: dict[str, Any] = {"runs": 1}
+    with timed(figures):
+        world = make_world("4. database faults", latency_ms=200)
+        _run(world, figures, world.terminate_worker_connections, scaled(6))
+    prove(world, figures)
+
+
+@pytest.mark.skipif(
+    os.environ.get("RELIABILITY_PG_RESTART") != "1",
+    reason="restarts the shared PostgreSQL server: only in the full run, with RELIABILITY_PG_RESTART=1",
+)
+def test_postgresql_restarted_mid_run_loses_nothing(make_world: Any) -> None:
+    version = sorted(p.name for p in Path("/etc/postgresql").iterdir())[-1]
+
+    def restart() -> int:
+        subprocess.run(
+            ["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", "restart", "-m", "fast"],
+            check=True,
+            timeout=60,
+        )
+        return 1
+
+    figures: dict[str, Any] = {"runs": 1}
+    with timed(figures):
+        world = make_world("4b. database server restarted", latency_ms=200)
+        _run(world, figures, restart, 2)
+    prove(world, figures)
