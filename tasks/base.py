@@ -23,7 +23,7 @@ from sqlalchemy.exc import DisconnectionError, OperationalError, SQLAlchemyError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from billing.services.errors import InvalidRequest, NotFound
-from tasks.config import SECRET_KWARGS
+from tasks.config import MAX_CHARGE_BATCH, SECRET_KWARGS
 from tasks.errors import DatabaseError, TaskInputError, TransientError
 from tasks.masking import masked_reprs
 
@@ -40,6 +40,7 @@ class Param:
     kind: type
     optional: bool  # may be None
     required: bool  # no default
+    item: type | None = None  # for a list: the type of its items (only list[int], a list of ids, is supported)
 
 
 def _describe(value: Any, secret: bool) -> str:
@@ -56,15 +57,27 @@ def _describe(value: Any, secret: bool) -> str:
     return f"{value!r} (a {kind})"
 
 
+def _check_id(task_name: str, name: str, value: Any, secret: bool) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TaskInputError(f"{task_name}: {name} must be an integer id, got {_describe(value, secret)}")
+    if not 1 <= value <= MAX_ID:
+        raise TaskInputError(f"{task_name}: {name} must be a positive integer id, got {value}")
+    return value
+
+
 def _check(task_name: str, param: Param, value: Any, secret: bool) -> Any:
     if value is None and param.optional:
         return None
+    if param.kind is list and param.item is int:
+        if not isinstance(value, list):
+            raise TaskInputError(
+                f"{task_name}: {param.name} must be a list of integer ids, got {_describe(value, secret)}"
+            )
+        if not 1 <= len(value) <= MAX_CHARGE_BATCH:
+            raise TaskInputError(f"{task_name}: {param.name} must hold 1 to {MAX_CHARGE_BATCH} ids, got {len(value)}")
+        return [_check_id(task_name, f"{param.name}[{n}]", item, secret) for n, item in enumerate(value)]
     if param.kind is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TaskInputError(f"{task_name}: {param.name} must be an integer id, got {_describe(value, secret)}")
-        if not 1 <= value <= MAX_ID:
-            raise TaskInputError(f"{task_name}: {param.name} must be a positive integer id, got {value}")
-        return value
+        return _check_id(task_name, param.name, value, secret)
     if param.kind is bool:
         if not isinstance(value, bool):
             raise TaskInputError(f"{task_name}: {param.name} must be true or false, got {_describe(value, secret)}")
@@ -87,7 +100,11 @@ def task_params(fun: Callable[..., Any]) -> tuple[Param, ...]:
         members = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else ()
         optional = type(None) in members
         kind = next((m for m in members if m is not type(None)), hint) if members else hint
-        params.append(Param(p.name, kind, optional, p.default is inspect.Parameter.empty))
+        item = None
+        if typing.get_origin(kind) is list:
+            (item,) = typing.get_args(kind)
+            kind = list
+        params.append(Param(p.name, kind, optional, p.default is inspect.Parameter.empty, item))
     return tuple(params)
 
 

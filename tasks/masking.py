@@ -24,6 +24,8 @@ REPR_MAXLEN = 1024
 def _shown(value: Any, hide_strings: bool) -> bool:
     if value is None or isinstance(value, bool | int | float):
         return True
+    if isinstance(value, list | tuple):  # a list of ids (billing.charge_invoices); anything else is hidden
+        return all(isinstance(item, int) for item in value)
     return isinstance(value, str) and not hide_strings
 
 

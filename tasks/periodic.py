@@ -74,7 +74,7 @@ def open_due_invoices(ctx: Context) -> dict[str, Any]:
     opened, passes = 0, 0
     deadline = time.monotonic() + _time_budget_seconds()
     while True:
-        count = invoicing.open_due_invoices(ctx, limit=OPEN_BATCH)
+        count = invoicing.open_due_invoices(ctx, limit=OPEN_BATCH, batch_size=runtime.task_settings.charge_batch_size)
         opened += count
         passes += 1
         if count == 0 or time.monotonic() > deadline:
@@ -84,19 +84,25 @@ def open_due_invoices(ctx: Context) -> dict[str, Any]:
 
 @_periodic(names.ENQUEUE_DUE_INVOICES)
 def enqueue_due_invoices(ctx: Context) -> dict[str, Any]:
-    """The sweep: re-enqueue charge_invoice for open invoices whose time has come and gone (dunning retries,
-    new cards, lost messages). Skipped while billing is paused or the charges queue holds a full batch."""
+    """The sweep: re-enqueue the charge of open invoices whose time has come and gone (dunning retries, new
+    cards, lost messages), in billing.charge_invoices batches. Skipped while billing is paused or the charges
+    queue already holds a sweep's worth of messages."""
     settings = runtime.task_settings
+    size = settings.charge_batch_size
     with ctx.sessions() as session:
         if control.get_pause(session) is not None:
             return {"enqueued": 0, "skipped": "billing paused"}
     depth = queue_depth(names.CHARGES)
-    if depth is not None and depth >= settings.sweep_limit:
+    if depth is not None and depth >= -(-settings.sweep_limit // size):
         return {"enqueued": 0, "skipped": "charges queue backlog", "queue_depth": depth}
     with ctx.sessions() as session:
         ids = reconcile.due_invoice_ids(session, ctx.clock.now() - settings.sweep_grace, settings.sweep_limit)
-    for invoice_id in ids:
-        _send(names.CHARGE_INVOICE, invoice_id=invoice_id)
+    if size <= 1:
+        for invoice_id in ids:
+            _send(names.CHARGE_INVOICE, invoice_id=invoice_id)
+    else:
+        for start in range(0, len(ids), size):
+            _send(names.CHARGE_INVOICES, invoice_ids=ids[start : start + size])
     return {"enqueued": len(ids), "queue_depth": depth}
 
 

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from billing.bootstrap import build_context
 from billing.config import Settings
 from billing.db.engine import make_engine
+from billing.services.batch import GatewayPool
 from billing.services.context import Context
 from tasks.config import DEFAULT, ROUTES, TaskSettings
 
@@ -42,6 +43,7 @@ class Runtime:
         self._pid: int | None = None
         self._context: Context | None = None
         self._factory: Callable[[], Context] | None = None
+        self._pool: tuple[int, GatewayPool] | None = None
 
     def context(self) -> Context:
         context, pid = self._context, os.getpid()
@@ -58,6 +60,16 @@ class Runtime:
                     if bind is not None:
                         bind.dispose(close=False)
             return self._context
+
+    def gateway_pool(self) -> GatewayPool:
+        """This process's pool for concurrent gateway calls (BILLING_GATEWAY_THREADS), made after a fork."""
+        pool, pid = self._pool, os.getpid()
+        if pool is not None and pool[0] == pid:
+            return pool[1]
+        with self._lock:
+            if self._pool is None or self._pool[0] != pid:
+                self._pool = (pid, GatewayPool(self.task_settings.gateway_threads))
+            return self._pool[1]
 
     def _build(self) -> Context:
         if self._factory is not None:

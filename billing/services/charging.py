@@ -1,7 +1,19 @@
-"""Charging an invoice: commit the attempt, call Tpaga between two transactions, record the outcome.
+"""Charging invoices: commit the attempts, call Tpaga between two transactions, record the outcomes.
 
-Every state change is a compare-and-set on the row's current state, and the partial unique indexes on
-charge_attempts make "two approved attempts" and "two attempts in flight" impossible in the database.
+One code path serves one invoice (`charge_invoice`, the public task) and a batch of them
+(`billing.services.batch.charge_invoices`): the phases below take lists, and the single path is a batch of
+one. Per invoice, in order:
+
+1. claim (one transaction for the whole batch): take the invoice off the schedule with a compare-and-set
+   (`due_at` -> NULL where it is open, due now, not locked by another claimer and with no attempt in flight),
+   then write its attempt `pending` with a deterministic orderId;
+2. mark `sending` with a lease (one transaction), just before the requests leave;
+3. POST the charge (never retried once it may have left);
+4. record the outcome (one transaction for the whole batch): approved | declined (+ dunning) | unknown
+   (-> review) | not_sent, each a compare-and-set on the attempt's state.
+
+The partial unique indexes on charge_attempts make "two approved attempts" and "two attempts in flight" for
+one invoice impossible in the database, whatever the broker delivers twice.
 """
 
 from __future__ import annotations
@@ -9,16 +21,19 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections import defaultdict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
-from sqlalchemy import func, select, update
+from sqlalchemy import bindparam, exists, func, insert, or_, select, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError, OperationalError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, aliased
 
 from billing.db import control
-from billing.db.models import Card, ChargeAttempt, Invoice, Plan, Subscription
+from billing.db.models import Card, ChargeAttempt, Event, Invoice, Plan, Subscription
 from billing.domain.declines import DeclineClass
 from billing.domain.dunning import Action, decide_after_decline
 from billing.domain.money import Money
@@ -26,13 +41,19 @@ from billing.domain.states import AttemptState, CardStatus, InvoiceState, Subscr
 from billing.gateway import errors as gw
 from billing.services import events
 from billing.services.context import Context
+from billing.services.errors import NotFound
 
 log = logging.getLogger("billing.charging")
+
+T = TypeVar("T")
+
+IN_FLIGHT = (AttemptState.SENDING, AttemptState.UNKNOWN)
+OPEN_ATTEMPT_STATES = (AttemptState.PENDING, AttemptState.SENDING, AttemptState.UNKNOWN)
 
 
 @dataclass(frozen=True)
 class ChargeOutcome:
-    """What one `charge_invoice` call did; small and free of secrets, fit for a task result."""
+    """What charging one invoice did; small and free of secrets, fit for a task result."""
 
     invoice_id: int
     outcome: str
@@ -46,6 +67,30 @@ class ChargeOutcome:
             "attempt_id": self.attempt_id,
             "error_code": self.error_code,
         }
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A committed attempt, ready to be sent: everything the gateway call needs."""
+
+    invoice_id: int
+    attempt_id: int
+    order_id: str
+    card_tpaga_id: str
+    amount: Money
+    description: str
+
+
+_Claim = Claim  # the name tests and older callers know
+
+
+@dataclass(frozen=True)
+class Sent:
+    """What the gateway made of one claimed attempt: the approved charge, or the error the client raised."""
+
+    claim: Claim
+    charge: Any = None
+    error: BaseException | None = None
 
 
 def billing_paused(session: Session) -> dict[str, Any] | None:
@@ -71,19 +116,6 @@ def resume_billing(ctx: Context) -> bool:
         return True
 
 
-def _usable_card(session: Session, sub: Subscription) -> Card | None:
-    if sub.card_id is not None:
-        card = session.get(Card, sub.card_id)
-        if card is not None and card.status == CardStatus.USABLE:
-            return card
-    return session.execute(
-        select(Card)
-        .where(Card.customer_id == sub.customer_id, Card.status == CardStatus.USABLE)
-        .order_by(Card.id.desc())
-        .limit(1)
-    ).scalar_one_or_none()
-
-
 def _cas(session: Session, model: Any, row_id: int, states: tuple[str, ...], **values: Any) -> bool:
     """UPDATE ... WHERE id = :id AND state IN (:states); True when this caller made the change."""
     result = session.execute(
@@ -95,34 +127,314 @@ def _cas(session: Session, model: Any, row_id: int, states: tuple[str, ...], **v
     return bool(result.rowcount)  # type: ignore[attr-defined]
 
 
-@dataclass(frozen=True)
-class _Claim:
-    attempt_id: int
-    order_id: str
-    card_tpaga_id: str
-    amount: Money
-    description: str
+def _cas_many(session: Session, model: Any, states: tuple[str, ...], rows: list[dict[str, Any]]) -> None:
+    """`_cas` for many rows in one executemany; each row is {"id": ..., column: value, ...}, same keys."""
+    if not rows:
+        return
+    table = model.__table__
+    keys = [k for k in rows[0] if k != "id"]
+    stmt = (
+        update(table)
+        .where(table.c.id == bindparam("b_id"), or_(*(table.c.state == s for s in states)))
+        .values({k: bindparam(f"b_{k}") for k in keys})
+    )
+    params = [{"b_id": r["id"], **{f"b_{k}": r[k] for k in keys}} for r in sorted(rows, key=lambda r: r["id"])]
+    session.execute(stmt, params)
+
+
+def _insert_events(session: Session, rows: list[dict[str, Any]]) -> None:
+    """The events of many outcomes in one INSERT (the same rows `events.record` writes one at a time)."""
+    if rows:
+        session.execute(insert(Event), rows)
+        for row in rows:
+            if row["kind"] in events.ALERT_KINDS:
+                events.log.warning(
+                    "ALERT %s invoice=%s attempt=%s %s", row["kind"], row["invoice_id"], row["attempt_id"], row["data"]
+                )
+
+
+def _event(
+    now: datetime, kind: str, subscription_id: int | None, invoice_id: int, attempt_id: int, **data: Any
+) -> dict[str, Any]:
+    return {
+        "at": now,
+        "kind": kind,
+        "subscription_id": subscription_id,
+        "invoice_id": invoice_id,
+        "attempt_id": attempt_id,
+        "refund_id": None,
+        "data": data,
+    }
+
+
+# --- the single path ---------------------------------------------------------------------------------------
 
 
 def charge_invoice(ctx: Context, invoice_id: int) -> ChargeOutcome:
     """Charge one open invoice if it is due now; idempotent under duplicate delivery and concurrency."""
-    claim_or_outcome = _claim(ctx, invoice_id)
-    if isinstance(claim_or_outcome, ChargeOutcome):
-        return claim_or_outcome
-    claim = claim_or_outcome
-    # Second commit: the attempt is marked in flight with a lease before the request leaves.
+    claim = _claim(ctx, invoice_id)
+    if isinstance(claim, ChargeOutcome):
+        return claim
+    sending, lost = mark_sending(ctx, [claim])
+    if not sending:
+        return lost[0]
+    return record_outcomes(ctx, [call_gateway(ctx, sending[0])])[0]
+
+
+def _claim(ctx: Context, invoice_id: int) -> Claim | ChargeOutcome:
+    """First commit for one invoice: its claim, or why there is none (NotFound for an unknown id)."""
+    claims, outcomes = claim_invoices(ctx, [invoice_id])
+    if claims:
+        return claims[0]
+    outcome = outcomes[invoice_id]
+    if outcome.outcome == "not_found":
+        raise NotFound(f"invoice {invoice_id} does not exist")
+    return outcome
+
+
+# --- phase 1: claim ----------------------------------------------------------------------------------------
+
+
+def claim_invoices(ctx: Context, invoice_ids: Sequence[int]) -> tuple[list[Claim], dict[int, ChargeOutcome]]:
+    """First commit: take the due invoices off the schedule and write their attempts, all in one transaction.
+
+    Returns the claims, and for every other id why it was not claimed (`paused`, `not_found`,
+    `already_paid`, `in_review`, `not_scheduled`, `not_due`, `claimed_elsewhere`, `void`, `no_usable_card`).
+    """
+    ids = list(dict.fromkeys(invoice_ids))
+    now = ctx.clock.now()
+    try:
+        with ctx.unit_of_work() as session:
+            return _claim_in(ctx, session, now, ids)
+    except IntegrityError:
+        # A constraint refused an attempt (a concurrent claimer won): the whole claim rolled back.
+        return [], {i: ChargeOutcome(i, "claimed_elsewhere") for i in ids}
+
+
+def _claim_in(
+    ctx: Context, session: Session, now: datetime, ids: list[int]
+) -> tuple[list[Claim], dict[int, ChargeOutcome]]:
+    if billing_paused(session) is not None:
+        return [], {i: ChargeOutcome(i, "paused") for i in ids}
+    outcomes: dict[int, ChargeOutcome] = {}
+    taken = _take_due(session, ids, now)
+    missed = [i for i in ids if i not in taken]
+    if missed:
+        outcomes.update(_why_not_claimed(session, missed, now))
+    if not taken:
+        return [], outcomes
+    rows = session.execute(
+        select(
+            Invoice.id,
+            Invoice.amount_minor,
+            Invoice.currency,
+            Invoice.period_index,
+            Subscription.id.label("subscription_id"),
+            Subscription.status,
+            Subscription.customer_id,
+            Plan.name.label("plan_name"),
+            Card.id.label("card_id"),
+            Card.tpaga_card_id,
+            Card.status.label("card_status"),
+        )
+        .join(Subscription, Subscription.id == Invoice.subscription_id)
+        .join(Plan, Plan.id == Subscription.plan_id)
+        .outerjoin(Card, Card.id == Subscription.card_id)
+        .where(Invoice.id.in_(taken))
+        .order_by(Invoice.id)
+    ).all()
+    wanted: list[tuple[Any, int, str]] = []  # (row, card id, Tpaga card id)
+    for row in rows:
+        if row.status == SubscriptionStatus.CANCELED:
+            _cas(session, Invoice, row.id, (InvoiceState.OPEN,), state=InvoiceState.VOID, due_at=None, updated_at=now)
+            outcomes[row.id] = ChargeOutcome(row.id, "void")
+            continue
+        card: tuple[int, str] | None = None
+        if row.card_id is not None and row.card_status == CardStatus.USABLE:
+            card = (row.card_id, row.tpaga_card_id)
+        else:
+            card = _usable_card_of_customer(session, row.customer_id)
+        if card is None:
+            _await_card(session, now, row.id, row.subscription_id)
+            outcomes[row.id] = ChargeOutcome(row.id, "no_usable_card")
+            continue
+        wanted.append((row, *card))
+    if not wanted:
+        return [], outcomes
+    numbers: dict[int, int] = dict(
+        session.execute(
+            select(ChargeAttempt.invoice_id, func.max(ChargeAttempt.attempt_number))
+            .where(ChargeAttempt.invoice_id.in_([row.id for row, _, _ in wanted]))
+            .group_by(ChargeAttempt.invoice_id)
+        ).all()
+    )
+    values = []
+    for row, card_id, _ in wanted:
+        number = numbers.get(row.id, 0) + 1
+        values.append(
+            {
+                "invoice_id": row.id,
+                "attempt_number": number,
+                "order_id": f"inv{row.id}-a{number}",
+                "card_id": card_id,
+                "amount_minor": row.amount_minor,
+                "currency": row.currency,
+                "state": AttemptState.PENDING,
+                "lease_expires_at": now + ctx.sending_lease,
+                "created_at": now,
+            }
+        )
+    dialect = session.get_bind().dialect.name
+    ins: Any = postgresql.insert(ChargeAttempt) if dialect == "postgresql" else sqlite.insert(ChargeAttempt)
+    # ON CONFLICT DO NOTHING covers every unique index: a partial index refusing a second attempt in flight
+    # skips that one invoice instead of failing the batch.
+    inserted = dict(
+        session.execute(
+            ins.on_conflict_do_nothing().returning(ChargeAttempt.invoice_id, ChargeAttempt.id), values
+        ).all()
+    )
+    claims: list[Claim] = []
+    for (row, _, tpaga_card_id), value in zip(wanted, values, strict=True):
+        attempt_id = inserted.get(row.id)
+        if attempt_id is None:
+            # Put it back on the schedule as we found it (due), for whoever holds its attempt to settle.
+            session.execute(
+                update(Invoice)
+                .where(Invoice.id == row.id, Invoice.state == InvoiceState.OPEN, Invoice.due_at.is_(None))
+                .values(due_at=now, updated_at=now)
+            )
+            outcomes[row.id] = ChargeOutcome(row.id, "claimed_elsewhere")
+            continue
+        claims.append(
+            Claim(
+                invoice_id=row.id,
+                attempt_id=attempt_id,
+                order_id=value["order_id"],
+                card_tpaga_id=tpaga_card_id,
+                amount=Money(row.amount_minor, row.currency),
+                description=f"{row.plan_name} period {row.period_index + 1}",
+            )
+        )
+    return claims, outcomes
+
+
+def _take_due(session: Session, ids: list[int], now: datetime) -> set[int]:
+    """Compare-and-set the schedule of every id that is open, due, free of attempts in flight and not locked
+    by another claimer (SKIP LOCKED on PostgreSQL; SQLite serializes writers instead): due_at -> NULL."""
+    candidate = aliased(Invoice)
+    in_flight = exists().where(ChargeAttempt.invoice_id == candidate.id, ChargeAttempt.state.in_(OPEN_ATTEMPT_STATES))
+    due = (
+        select(candidate.id)
+        .where(
+            candidate.id.in_(ids),
+            candidate.state == InvoiceState.OPEN,
+            candidate.due_at.is_not(None),
+            candidate.due_at <= now,
+            ~in_flight,
+        )
+        .order_by(candidate.id)
+        .with_for_update(skip_locked=True)
+    )
+    result = session.execute(
+        update(Invoice)
+        .where(Invoice.id.in_(due), Invoice.state == InvoiceState.OPEN, Invoice.due_at.is_not(None))
+        .values(due_at=None, updated_at=now)
+        .returning(Invoice.id)
+        .execution_options(synchronize_session=False)
+    )
+    return set(result.scalars())
+
+
+def _why_not_claimed(session: Session, ids: list[int], now: datetime) -> dict[int, ChargeOutcome]:
+    found = {
+        row.id: row
+        for row in session.execute(select(Invoice.id, Invoice.state, Invoice.due_at).where(Invoice.id.in_(ids)))
+    }
+    outcomes = {}
+    for invoice_id in ids:
+        row = found.get(invoice_id)
+        if row is None:
+            reason = "not_found"
+        elif row.state != InvoiceState.OPEN:
+            reason = {"paid": "already_paid", "review": "in_review"}.get(row.state, row.state)
+        elif row.due_at is None:
+            reason = "not_scheduled"
+        elif row.due_at > now:
+            reason = "not_due"
+        else:
+            reason = "claimed_elsewhere"  # locked by another claimer, or an attempt of it is in flight
+        outcomes[invoice_id] = ChargeOutcome(invoice_id, reason)
+    return outcomes
+
+
+def _usable_card_of_customer(session: Session, customer_id: int) -> tuple[int, str] | None:
+    row = session.execute(
+        select(Card.id, Card.tpaga_card_id)
+        .where(Card.customer_id == customer_id, Card.status == CardStatus.USABLE)
+        .order_by(Card.id.desc())
+        .limit(1)
+    ).first()
+    return None if row is None else (row.id, row.tpaga_card_id)
+
+
+def _usable_card(session: Session, sub: Subscription) -> Card | None:
+    if sub.card_id is not None:
+        card = session.get(Card, sub.card_id)
+        if card is not None and card.status == CardStatus.USABLE:
+            return card
+    found = _usable_card_of_customer(session, sub.customer_id)
+    return None if found is None else session.get(Card, found[0])
+
+
+def _await_card(session: Session, now: datetime, invoice_id: int, subscription_id: int) -> None:
+    """No usable card: the invoice waits off the schedule (attaching a card reschedules it)."""
+    session.execute(
+        update(Invoice)
+        .where(Invoice.id == invoice_id, Invoice.state == InvoiceState.OPEN)
+        .values(due_at=None, updated_at=now)
+    )
+    session.execute(
+        update(Subscription)
+        .where(Subscription.id == subscription_id, Subscription.status != SubscriptionStatus.CANCELED)
+        .values(status=SubscriptionStatus.PAST_DUE, updated_at=now)
+    )
+    events.record(session, now, "invoice.awaiting_card", subscription_id=subscription_id, invoice_id=invoice_id)
+
+
+# --- phase 2: in flight ------------------------------------------------------------------------------------
+
+
+def mark_sending(ctx: Context, claims: Sequence[Claim]) -> tuple[list[Claim], list[ChargeOutcome]]:
+    """Second commit: the attempts are in flight with a lease before the requests leave.
+
+    A claim whose attempt is no longer `pending` (reconciliation gave up on it) is `lost_claim`, not sent.
+    """
+    if not claims:
+        return [], []
     now = ctx.clock.now()
     with ctx.unit_of_work() as session:
-        if not _cas(
-            session,
-            ChargeAttempt,
-            claim.attempt_id,
-            (AttemptState.PENDING,),
-            state=AttemptState.SENDING,
-            sent_at=now,
-            lease_expires_at=now + ctx.sending_lease,
-        ):
-            return ChargeOutcome(invoice_id, "lost_claim", claim.attempt_id)
+        marked = set(
+            session.execute(
+                update(ChargeAttempt)
+                .where(
+                    ChargeAttempt.id.in_([c.attempt_id for c in claims]),
+                    ChargeAttempt.state == AttemptState.PENDING,
+                )
+                .values(state=AttemptState.SENDING, sent_at=now, lease_expires_at=now + ctx.sending_lease)
+                .returning(ChargeAttempt.id)
+                .execution_options(synchronize_session=False)
+            ).scalars()
+        )
+    sending = [c for c in claims if c.attempt_id in marked]
+    lost = [ChargeOutcome(c.invoice_id, "lost_claim", c.attempt_id) for c in claims if c.attempt_id not in marked]
+    return sending, lost
+
+
+# --- phase 3: the request ----------------------------------------------------------------------------------
+
+
+def call_gateway(ctx: Context, claim: Claim) -> Sent:
+    """POST the charge; never raises (an unexpected error may have charged, and is recorded as unknown)."""
     try:
         charge = ctx.gateway.charge(
             card_id=claim.card_tpaga_id,
@@ -131,123 +443,58 @@ def charge_invoice(ctx: Context, invoice_id: int) -> ChargeOutcome:
             order_id=claim.order_id,
             description=claim.description,
         )
-    except gw.DeclinedError as exc:
-        return _with_db_retry(_record_decline, ctx, invoice_id, claim.attempt_id, exc)
-    except gw.NotSentError as exc:
-        return _with_db_retry(_record_not_sent, ctx, invoice_id, claim.attempt_id, exc, None)
-    except gw.UnauthorizedError as exc:
-        return _with_db_retry(_record_not_sent, ctx, invoice_id, claim.attempt_id, exc, "unauthorized")
-    except (gw.ValidationError, gw.NotFoundError) as exc:
-        # Tpaga refused the request itself (no charge made): an operator must look at the stored card.
-        return _with_db_retry(_record_rejected, ctx, invoice_id, claim.attempt_id, exc)
-    except Exception as exc:  # OutcomeUnknownError and anything unexpected: may have charged
-        return _with_db_retry(_record_unknown, ctx, invoice_id, claim.attempt_id, exc)
-    return _with_db_retry(_record_approved, ctx, invoice_id, claim.attempt_id, charge)
+    except Exception as exc:
+        return Sent(claim, error=exc)
+    return Sent(claim, charge=charge)
 
 
-def _claim(ctx: Context, invoice_id: int) -> _Claim | ChargeOutcome:
-    """First commit: take the invoice off the schedule and write the attempt with its orderId."""
+# --- phase 4: record ---------------------------------------------------------------------------------------
+
+
+def record_outcomes(ctx: Context, sent: Sequence[Sent]) -> list[ChargeOutcome]:
+    """Last commit: every outcome in one transaction, retried through database blips (the calls are made)."""
+    if not sent:
+        return []
+    return _with_db_retry(_record_all, ctx, sent)
+
+
+def _record_all(ctx: Context, sent: Sequence[Sent]) -> list[ChargeOutcome]:
     now = ctx.clock.now()
-    try:
-        with ctx.unit_of_work() as session:
-            if billing_paused(session) is not None:
-                return ChargeOutcome(invoice_id, "paused")
-            invoice = session.get(Invoice, invoice_id)
-            if invoice is None:
-                from billing.services.errors import NotFound
-
-                raise NotFound(f"invoice {invoice_id} does not exist")
-            if invoice.state != InvoiceState.OPEN:
-                return ChargeOutcome(
-                    invoice_id,
-                    {"paid": "already_paid", "review": "in_review"}.get(invoice.state, invoice.state),
-                )
-            if invoice.due_at is None:
-                return ChargeOutcome(invoice_id, "not_scheduled")
-            if invoice.due_at > now:
-                return ChargeOutcome(invoice_id, "not_due")
-            sub = session.get(Subscription, invoice.subscription_id)
-            assert sub is not None
-            if sub.status == SubscriptionStatus.CANCELED:
-                _cas(
-                    session,
-                    Invoice,
-                    invoice_id,
-                    (InvoiceState.OPEN,),
-                    state=InvoiceState.VOID,
-                    due_at=None,
-                    updated_at=now,
-                )
-                return ChargeOutcome(invoice_id, "void")
-            card = _usable_card(session, sub)
-            if card is None:
-                session.execute(
-                    update(Invoice)
-                    .where(Invoice.id == invoice_id, Invoice.state == InvoiceState.OPEN)
-                    .values(due_at=None, updated_at=now)
-                )
-                session.execute(
-                    update(Subscription)
-                    .where(Subscription.id == sub.id, Subscription.status != SubscriptionStatus.CANCELED)
-                    .values(status=SubscriptionStatus.PAST_DUE, updated_at=now)
-                )
-                events.record(session, now, "invoice.awaiting_card", subscription_id=sub.id, invoice_id=invoice_id)
-                return ChargeOutcome(invoice_id, "no_usable_card")
-            # Compare-and-set on the exact schedule we read: a concurrent claimer sees rowcount 0.
-            claimed = session.execute(
-                update(Invoice)
-                .where(
-                    Invoice.id == invoice_id,
-                    Invoice.state == InvoiceState.OPEN,
-                    Invoice.due_at == invoice.due_at,
-                )
-                .values(due_at=None, updated_at=now)
-                .execution_options(synchronize_session=False)
-            ).rowcount  # type: ignore[attr-defined]
-            if not claimed:
-                return ChargeOutcome(invoice_id, "claimed_elsewhere")
-            number = (
-                session.execute(
-                    select(func.coalesce(func.max(ChargeAttempt.attempt_number), 0)).where(
-                        ChargeAttempt.invoice_id == invoice_id
-                    )
-                ).scalar_one()
-                + 1
-            )
-            plan = session.get(Plan, sub.plan_id)
-            assert plan is not None
-            attempt = ChargeAttempt(
-                invoice_id=invoice_id,
-                attempt_number=number,
-                order_id=f"inv{invoice_id}-a{number}",
-                card_id=card.id,
-                amount_minor=invoice.amount_minor,
-                currency=invoice.currency,
-                state=AttemptState.PENDING,
-                lease_expires_at=now + ctx.sending_lease,
-                created_at=now,
-            )
-            session.add(attempt)
-            session.flush()
-            return _Claim(
-                attempt_id=attempt.id,
-                order_id=attempt.order_id,
-                card_tpaga_id=card.tpaga_card_id,
-                amount=Money(invoice.amount_minor, invoice.currency),
-                description=f"{plan.name} period {invoice.period_index + 1}",
-            )
-    except IntegrityError:
-        # The partial unique index refused a second attempt in flight for this invoice.
-        return ChargeOutcome(invoice_id, "claimed_elsewhere")
+    with ctx.unit_of_work() as session:
+        return record_in(ctx, session, now, sent)
 
 
-def _with_db_retry(record: Any, *args: Any, attempts: int = 5) -> ChargeOutcome:
+def record_in(ctx: Context, session: Session, now: datetime, sent: Sequence[Sent]) -> list[ChargeOutcome]:
+    """Apply the outcomes of the given calls in the caller's transaction; returns them in the same order."""
+    approved: list[Sent] = []
+    declined: list[Sent] = []
+    outcomes: dict[int, ChargeOutcome] = {}
+    for item in sent:
+        exc, claim = item.error, item.claim
+        if exc is None:
+            approved.append(item)
+        elif isinstance(exc, gw.DeclinedError):
+            declined.append(item)
+        elif isinstance(exc, gw.NotSentError):
+            outcomes[claim.attempt_id] = _record_not_sent(ctx, session, now, claim, exc, None)
+        elif isinstance(exc, gw.UnauthorizedError):
+            outcomes[claim.attempt_id] = _record_not_sent(ctx, session, now, claim, exc, "unauthorized")
+        elif isinstance(exc, gw.ValidationError | gw.NotFoundError):
+            # Tpaga refused the request itself (no charge made): an operator must look at the stored card.
+            outcomes[claim.attempt_id] = _record_rejected(session, now, claim, exc)
+        else:  # OutcomeUnknownError and anything unexpected: may have charged
+            outcomes[claim.attempt_id] = _record_unknown(session, now, claim, exc)
+    outcomes.update(_record_approved(session, now, approved))
+    outcomes.update(_record_declines(ctx, session, now, declined))
+    return [outcomes[item.claim.attempt_id] for item in sent]
+
+
+def _with_db_retry(record: Callable[..., T], *args: Any, attempts: int = 5) -> T:
     """Recording an outcome must survive a database blip: the gateway call cannot be taken back."""
     delay = 0.2
     for attempt in range(1, attempts + 1):
         try:
-            result: ChargeOutcome = record(*args)
-            return result
+            return record(*args)
         except OperationalError:
             if attempt == attempts:
                 raise  # the lease expires and reconciliation flags the attempt as unknown
@@ -257,95 +504,109 @@ def _with_db_retry(record: Any, *args: Any, attempts: int = 5) -> ChargeOutcome:
     raise AssertionError("unreachable")
 
 
-IN_FLIGHT = (AttemptState.SENDING, AttemptState.UNKNOWN)
-
-
-def _record_approved(ctx: Context, invoice_id: int, attempt_id: int, charge: Any) -> ChargeOutcome:
-    now = ctx.clock.now()
-    with ctx.unit_of_work() as session:
-        # IN_FLIGHT: a late answer still wins over a lease that reconciliation already expired.
-        _cas(
-            session,
-            ChargeAttempt,
-            attempt_id,
-            IN_FLIGHT,
-            state=AttemptState.APPROVED,
-            tpaga_charge_id=charge.id,
-            error_code=charge.error_code,
-            error_message=(charge.error_message or "")[:255],
-            decline_class=DeclineClass.APPROVED,
-            authorization_code=charge.authorization_code,
-            http_status=201,
-            finished_at=now,
-            approved_at=now,
-            lease_expires_at=None,
-        )
-        mark_invoice_paid(session, now, invoice_id, attempt_id)
-    return ChargeOutcome(invoice_id, "approved", attempt_id, "00")
+def _record_approved(session: Session, now: datetime, items: list[Sent]) -> dict[int, ChargeOutcome]:
+    if not items:
+        return {}
+    # IN_FLIGHT: a late answer still wins over a lease that reconciliation already expired.
+    _cas_many(
+        session,
+        ChargeAttempt,
+        IN_FLIGHT,
+        [
+            {
+                "id": item.claim.attempt_id,
+                "state": AttemptState.APPROVED,
+                "tpaga_charge_id": item.charge.id,
+                "error_code": item.charge.error_code,
+                "error_message": (item.charge.error_message or "")[:255],
+                "decline_class": DeclineClass.APPROVED,
+                "authorization_code": item.charge.authorization_code,
+                "http_status": 201,
+                "finished_at": now,
+                "approved_at": now,
+                "lease_expires_at": None,
+            }
+            for item in items
+        ],
+    )
+    mark_invoices_paid(session, now, [(item.claim.invoice_id, item.claim.attempt_id) for item in items])
+    return {
+        item.claim.attempt_id: ChargeOutcome(item.claim.invoice_id, "approved", item.claim.attempt_id, "00")
+        for item in items
+    }
 
 
 def mark_invoice_paid(session: Session, now: datetime, invoice_id: int, attempt_id: int) -> None:
-    _cas(
-        session,
-        Invoice,
-        invoice_id,
-        (InvoiceState.OPEN, InvoiceState.REVIEW),
-        state=InvoiceState.PAID,
-        paid_at=now,
-        due_at=None,
-        review_reason=None,
-        updated_at=now,
+    mark_invoices_paid(session, now, [(invoice_id, attempt_id)])
+
+
+def mark_invoices_paid(session: Session, now: datetime, paid: list[tuple[int, int]]) -> None:
+    """Invoices (with their approved attempts) become paid; a subscription with nothing else outstanding is
+    active again."""
+    invoice_ids = sorted(invoice_id for invoice_id, _ in paid)
+    session.execute(
+        update(Invoice)
+        .where(Invoice.id.in_(invoice_ids), Invoice.state.in_((InvoiceState.OPEN, InvoiceState.REVIEW)))
+        .values(state=InvoiceState.PAID, paid_at=now, due_at=None, review_reason=None, updated_at=now)
+        .execution_options(synchronize_session=False)
     )
-    invoice = session.get(Invoice, invoice_id)
-    assert invoice is not None
-    events.record(
-        session,
-        now,
-        "charge.approved",
-        subscription_id=invoice.subscription_id,
-        invoice_id=invoice_id,
-        attempt_id=attempt_id,
+    subscription_of: dict[int, int] = dict(
+        session.execute(select(Invoice.id, Invoice.subscription_id).where(Invoice.id.in_(invoice_ids))).all()
     )
-    outstanding = session.execute(
-        select(func.count(Invoice.id)).where(
-            Invoice.subscription_id == invoice.subscription_id,
-            Invoice.state.in_((InvoiceState.OPEN, InvoiceState.REVIEW)),
-            Invoice.id != invoice_id,
-        )
-    ).scalar_one()
-    if not outstanding:
+    _insert_events(
+        session,
+        [_event(now, "charge.approved", subscription_of[inv], inv, att) for inv, att in paid],
+    )
+    subscription_ids = sorted(set(subscription_of.values()))
+    outstanding = set(
+        session.execute(
+            select(Invoice.subscription_id).where(
+                Invoice.subscription_id.in_(subscription_ids),
+                Invoice.state.in_((InvoiceState.OPEN, InvoiceState.REVIEW)),
+            )
+        ).scalars()
+    )
+    settled = [s for s in subscription_ids if s not in outstanding]
+    if settled:
         session.execute(
             update(Subscription)
             .where(
-                Subscription.id == invoice.subscription_id,
+                Subscription.id.in_(settled),
                 Subscription.status.in_((SubscriptionStatus.PAST_DUE, SubscriptionStatus.TRIALING)),
             )
             .values(status=SubscriptionStatus.ACTIVE, updated_at=now)
+            .execution_options(synchronize_session=False)
         )
 
 
-def _record_decline(ctx: Context, invoice_id: int, attempt_id: int, exc: Any) -> ChargeOutcome:
-    now = ctx.clock.now()
-    charge = exc.charge
-    code = exc.error_code
-    klass = DeclineClass(exc.decline_class)
-    with ctx.unit_of_work() as session:
-        _cas(
-            session,
-            ChargeAttempt,
-            attempt_id,
-            IN_FLIGHT,
-            state=AttemptState.DECLINED,
-            tpaga_charge_id=getattr(charge, "id", None),
-            error_code=code,
-            error_message=(getattr(charge, "error_message", None) or "")[:255],
-            decline_class=klass,
-            http_status=exc.http_status,
-            finished_at=now,
-            lease_expires_at=None,
+def _record_declines(ctx: Context, session: Session, now: datetime, items: list[Sent]) -> dict[int, ChargeOutcome]:
+    if not items:
+        return {}
+    rows = []
+    declines = []
+    for item in items:
+        exc: Any = item.error
+        charge = exc.charge
+        rows.append(
+            {
+                "id": item.claim.attempt_id,
+                "state": AttemptState.DECLINED,
+                "tpaga_charge_id": getattr(charge, "id", None),
+                "error_code": exc.error_code,
+                "error_message": (getattr(charge, "error_message", None) or "")[:255],
+                "decline_class": DeclineClass(exc.decline_class),
+                "http_status": exc.http_status,
+                "finished_at": now,
+                "lease_expires_at": None,
+            }
         )
-        apply_decline(ctx, session, now, invoice_id, attempt_id, code, klass)
-    return ChargeOutcome(invoice_id, "declined", attempt_id, code)
+        declines.append((item.claim.invoice_id, item.claim.attempt_id, exc.error_code, DeclineClass(exc.decline_class)))
+    _cas_many(session, ChargeAttempt, IN_FLIGHT, rows)
+    apply_declines(ctx, session, now, declines)
+    return {
+        item.claim.attempt_id: ChargeOutcome(item.claim.invoice_id, "declined", item.claim.attempt_id, code)
+        for item, (_, _, code, _) in zip(items, declines, strict=True)
+    }
 
 
 def apply_decline(
@@ -358,141 +619,172 @@ def apply_decline(
     klass: DeclineClass,
 ) -> None:
     """Dunning after a recorded decline: reschedule, await a new card, pause, or give up."""
-    invoice = session.get(Invoice, invoice_id)
-    assert invoice is not None
-    sub = session.get(Subscription, invoice.subscription_id)
-    assert sub is not None
-    attempt = session.get(ChargeAttempt, attempt_id)
-    assert attempt is not None
-    soft = invoice.soft_failures + (1 if klass == DeclineClass.SOFT else 0)
-    first_failure = invoice.first_failure_at or now
-    decision = decide_after_decline(ctx.policy, klass, first_failure_at=first_failure, soft_failures=soft, now=now)
-    inv_values: dict[str, Any] = {"last_error_code": code, "updated_at": now}
-    if decision.counts_as_attempt:
-        inv_values.update(soft_failures=soft, first_failure_at=first_failure)
-    if decision.action == Action.RETRY:
-        inv_values["due_at"] = decision.retry_at
-    elif decision.action == Action.UNCOLLECTIBLE:
-        inv_values.update(state=InvoiceState.UNCOLLECTIBLE, due_at=None)
-    elif decision.action == Action.AWAIT_NEW_CARD:
-        inv_values["due_at"] = None
-    elif decision.action == Action.PAUSE_MERCHANT:
-        inv_values["due_at"] = now  # charged again as soon as billing resumes
-        pause_billing(session, now, "merchant_decline", code)
-    elif decision.action == Action.REVIEW:
-        inv_values.update(state=InvoiceState.REVIEW, due_at=None, review_reason=f"errorCode {code!r}")
-    _cas(session, Invoice, invoice_id, (InvoiceState.OPEN, InvoiceState.REVIEW), **inv_values)
-    if decision.card_unusable:
-        session.execute(
-            update(Card).where(Card.id == attempt.card_id).values(status=CardStatus.UNUSABLE, unusable_code=code)
+    apply_declines(ctx, session, now, [(invoice_id, attempt_id, code, klass)])
+
+
+# When one batch holds declines of two invoices of the same subscription, the strongest status wins.
+_STATUS_RANK = {SubscriptionStatus.PAST_DUE: 1, SubscriptionStatus.UNPAID: 2, SubscriptionStatus.CANCELED: 3}
+
+
+def apply_declines(
+    ctx: Context, session: Session, now: datetime, declines: list[tuple[int, int, str, DeclineClass]]
+) -> None:
+    """`apply_decline` for many (invoice id, attempt id, errorCode, class): the dunning decision of each, written
+    with one statement per kind of change."""
+    invoice_ids = [d[0] for d in declines]
+    invoices = {
+        row.id: row
+        for row in session.execute(
+            select(Invoice.id, Invoice.subscription_id, Invoice.soft_failures, Invoice.first_failure_at).where(
+                Invoice.id.in_(invoice_ids)
+            )
         )
-    if decision.subscription_status is not None:
-        sub_values: dict[str, Any] = {"status": decision.subscription_status, "updated_at": now}
-        if decision.subscription_status in (SubscriptionStatus.UNPAID, SubscriptionStatus.CANCELED):
+    }
+    card_of: dict[int, int] = dict(
+        session.execute(
+            select(ChargeAttempt.id, ChargeAttempt.card_id).where(ChargeAttempt.id.in_([d[1] for d in declines]))
+        ).all()
+    )
+    invoice_updates: dict[tuple[str, ...], list[dict[str, Any]]] = defaultdict(list)
+    unusable: dict[int, str] = {}
+    subscription_status: dict[int, SubscriptionStatus] = {}
+    event_rows = []
+    for invoice_id, attempt_id, code, klass in declines:
+        invoice = invoices[invoice_id]
+        soft = invoice.soft_failures + (1 if klass == DeclineClass.SOFT else 0)
+        first_failure = invoice.first_failure_at or now
+        decision = decide_after_decline(ctx.policy, klass, first_failure_at=first_failure, soft_failures=soft, now=now)
+        values: dict[str, Any] = {"id": invoice_id, "last_error_code": code, "updated_at": now}
+        if decision.counts_as_attempt:
+            values.update(soft_failures=soft, first_failure_at=first_failure)
+        if decision.action == Action.RETRY:
+            values["due_at"] = decision.retry_at
+        elif decision.action == Action.UNCOLLECTIBLE:
+            values.update(state=InvoiceState.UNCOLLECTIBLE, due_at=None)
+        elif decision.action == Action.AWAIT_NEW_CARD:
+            values["due_at"] = None
+        elif decision.action == Action.PAUSE_MERCHANT:
+            values["due_at"] = now  # charged again as soon as billing resumes
+            pause_billing(session, now, "merchant_decline", code)
+        elif decision.action == Action.REVIEW:
+            values.update(state=InvoiceState.REVIEW, due_at=None, review_reason=f"errorCode {code!r}")
+        invoice_updates[tuple(sorted(values))].append(values)
+        if decision.card_unusable:
+            unusable[card_of[attempt_id]] = code
+        status = decision.subscription_status
+        if status is not None:
+            current = subscription_status.get(invoice.subscription_id)
+            if current is None or _STATUS_RANK.get(status, 0) >= _STATUS_RANK.get(current, 0):
+                subscription_status[invoice.subscription_id] = status
+        event_rows.append(
+            _event(
+                now,
+                "charge.declined",
+                invoice.subscription_id,
+                invoice_id,
+                attempt_id,
+                error_code=code,
+                decline_class=str(klass),
+                action=str(decision.action),
+            )
+        )
+    for rows in invoice_updates.values():
+        _cas_many(session, Invoice, (InvoiceState.OPEN, InvoiceState.REVIEW), rows)
+    for card_id, code in sorted(unusable.items()):
+        session.execute(update(Card).where(Card.id == card_id).values(status=CardStatus.UNUSABLE, unusable_code=code))
+    for subscription_id, status in sorted(subscription_status.items()):
+        sub_values: dict[str, Any] = {"status": status, "updated_at": now}
+        if status in (SubscriptionStatus.UNPAID, SubscriptionStatus.CANCELED):
             sub_values["next_billing_at"] = None
-            if decision.subscription_status == SubscriptionStatus.CANCELED:
+            if status == SubscriptionStatus.CANCELED:
                 sub_values["canceled_at"] = now
         session.execute(
             update(Subscription)
-            .where(Subscription.id == sub.id, Subscription.status != SubscriptionStatus.CANCELED)
+            .where(Subscription.id == subscription_id, Subscription.status != SubscriptionStatus.CANCELED)
             .values(**sub_values)
         )
-    events.record(
-        session,
-        now,
-        "charge.declined",
-        subscription_id=sub.id,
-        invoice_id=invoice_id,
-        attempt_id=attempt_id,
-        error_code=code,
-        decline_class=str(klass),
-        action=str(decision.action),
-    )
+    _insert_events(session, event_rows)
 
 
 def _record_not_sent(
-    ctx: Context, invoice_id: int, attempt_id: int, exc: Exception, pause: str | None
+    ctx: Context, session: Session, now: datetime, claim: Claim, exc: Exception, pause: str | None
 ) -> ChargeOutcome:
     """The request never reached Tpaga (or Tpaga refused our credentials): no charge, no attempt spent."""
-    now = ctx.clock.now()
-    with ctx.unit_of_work() as session:
-        _cas(
-            session,
-            ChargeAttempt,
-            attempt_id,
-            IN_FLIGHT,
-            state=AttemptState.NOT_SENT,
-            http_status=getattr(exc, "http_status", None),
-            error_message=type(exc).__name__,
-            finished_at=now,
-            lease_expires_at=None,
-        )
-        retry_at = now if pause else now + ctx.not_sent_backoff
-        _cas(session, Invoice, invoice_id, (InvoiceState.OPEN,), due_at=retry_at, updated_at=now)
-        if pause:
-            pause_billing(session, now, pause, None)
-        events.record(
-            session,
-            now,
-            "charge.not_sent",
-            invoice_id=invoice_id,
-            attempt_id=attempt_id,
-            error=type(exc).__name__,
-        )
+    invoice_id, attempt_id = claim.invoice_id, claim.attempt_id
+    _cas(
+        session,
+        ChargeAttempt,
+        attempt_id,
+        IN_FLIGHT,
+        state=AttemptState.NOT_SENT,
+        http_status=getattr(exc, "http_status", None),
+        error_message=type(exc).__name__,
+        finished_at=now,
+        lease_expires_at=None,
+    )
+    retry_at = now if pause else now + ctx.not_sent_backoff
+    _cas(session, Invoice, invoice_id, (InvoiceState.OPEN,), due_at=retry_at, updated_at=now)
+    if pause:
+        pause_billing(session, now, pause, None)
+    events.record(
+        session,
+        now,
+        "charge.not_sent",
+        invoice_id=invoice_id,
+        attempt_id=attempt_id,
+        error=type(exc).__name__,
+    )
     return ChargeOutcome(invoice_id, "paused" if pause else "not_sent", attempt_id)
 
 
-def _record_rejected(ctx: Context, invoice_id: int, attempt_id: int, exc: Exception) -> ChargeOutcome:
-    now = ctx.clock.now()
+def _record_rejected(session: Session, now: datetime, claim: Claim, exc: Exception) -> ChargeOutcome:
+    invoice_id, attempt_id = claim.invoice_id, claim.attempt_id
     reason = f"gateway rejected the charge request ({type(exc).__name__})"
-    with ctx.unit_of_work() as session:
-        _cas(
-            session,
-            ChargeAttempt,
-            attempt_id,
-            IN_FLIGHT,
-            state=AttemptState.NOT_SENT,
-            http_status=getattr(exc, "http_status", None),
-            error_message=reason[:255],
-            finished_at=now,
-            lease_expires_at=None,
-        )
-        _cas(
-            session,
-            Invoice,
-            invoice_id,
-            (InvoiceState.OPEN,),
-            state=InvoiceState.REVIEW,
-            due_at=None,
-            review_reason=reason[:255],
-            updated_at=now,
-        )
-        events.record(
-            session,
-            now,
-            "attempt.rejected",
-            invoice_id=invoice_id,
-            attempt_id=attempt_id,
-            error=type(exc).__name__,
-        )
+    _cas(
+        session,
+        ChargeAttempt,
+        attempt_id,
+        IN_FLIGHT,
+        state=AttemptState.NOT_SENT,
+        http_status=getattr(exc, "http_status", None),
+        error_message=reason[:255],
+        finished_at=now,
+        lease_expires_at=None,
+    )
+    _cas(
+        session,
+        Invoice,
+        invoice_id,
+        (InvoiceState.OPEN,),
+        state=InvoiceState.REVIEW,
+        due_at=None,
+        review_reason=reason[:255],
+        updated_at=now,
+    )
+    events.record(
+        session,
+        now,
+        "attempt.rejected",
+        invoice_id=invoice_id,
+        attempt_id=attempt_id,
+        error=type(exc).__name__,
+    )
     return ChargeOutcome(invoice_id, "rejected", attempt_id)
 
 
-def _record_unknown(ctx: Context, invoice_id: int, attempt_id: int, exc: Exception) -> ChargeOutcome:
-    now = ctx.clock.now()
+def _record_unknown(session: Session, now: datetime, claim: Claim, exc: BaseException) -> ChargeOutcome:
     reason = getattr(exc, "reason", None) or type(exc).__name__
-    with ctx.unit_of_work() as session:
-        mark_unknown(
-            session,
-            now,
-            invoice_id,
-            attempt_id,
-            str(reason),
-            getattr(exc, "charge_id", None),
-            getattr(exc, "http_status", None),
-            getattr(exc, "error_code", None),
-        )
-    return ChargeOutcome(invoice_id, "unknown", attempt_id)
+    mark_unknown(
+        session,
+        now,
+        claim.invoice_id,
+        claim.attempt_id,
+        str(reason),
+        getattr(exc, "charge_id", None),
+        getattr(exc, "http_status", None),
+        getattr(exc, "error_code", None),
+    )
+    return ChargeOutcome(claim.invoice_id, "unknown", claim.attempt_id)
 
 
 def mark_unknown(

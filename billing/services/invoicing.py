@@ -1,34 +1,35 @@
-"""Opening invoices: one per due subscription period, never skipped, never duplicated."""
+"""Opening invoices: one per due subscription period, never skipped, never duplicated.
+
+A pass takes up to `limit` due subscriptions (`FOR UPDATE SKIP LOCKED`: concurrent openers split the work on
+PostgreSQL; SQLite serializes writers), computes each one's due periods in Python, and writes the result with
+a few statements for the whole pass: the invoices in one `INSERT ... ON CONFLICT DO NOTHING` (the unique
+(subscription, period) constraint makes a second opener harmless), their events, one outbox intent per batch
+of `batch_size` new invoices (`billing.charge_invoices`), and the subscriptions' new period counters with a
+compare-and-set on the old counter.
+"""
 
 from __future__ import annotations
 
+from collections import defaultdict
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Select, select, update
+from sqlalchemy import Select, bindparam, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from billing.db.models import Invoice, Plan, Subscription
+from billing.db.models import Event, Invoice, Plan, Subscription
 from billing.domain.periods import Interval, due_period_indexes, period_at, period_boundary
 from billing.domain.states import InvoiceState, SubscriptionStatus
-from billing.services import events
 from billing.services.context import Context, enqueue
 
 # Catch-up after long downtime is bounded per pass so one subscription cannot hold a transaction forever.
 MAX_PERIODS_PER_PASS = 24
+# Invoices per `billing.charge_invoices` message; 1 sends one `billing.charge_invoice` per invoice instead.
+DEFAULT_BATCH_SIZE = 100
 
-
-def _insert_invoice(session: Session, values: dict[str, Any]) -> int | None:
-    """INSERT ... ON CONFLICT DO NOTHING on (subscription_id, period_index); the id if this call inserted it."""
-    dialect = session.get_bind().dialect.name
-    ins: Any = postgresql.insert(Invoice) if dialect == "postgresql" else sqlite.insert(Invoice)
-    stmt = (
-        ins.values(**values)
-        .on_conflict_do_nothing(index_elements=["subscription_id", "period_index"])
-        .returning(Invoice.id)
-    )
-    return session.execute(stmt).scalar_one_or_none()
+CHARGE_INVOICE = "billing.charge_invoice"
+CHARGE_INVOICES = "billing.charge_invoices"
 
 
 def due_subscriptions_query(now: datetime, limit: int) -> Select[Subscription]:
@@ -42,35 +43,82 @@ def due_subscriptions_query(now: datetime, limit: int) -> Select[Subscription]:
     )
 
 
-def open_due_invoices(ctx: Context, *, limit: int = 500) -> int:
-    """Open the invoices of every due period of up to `limit` subscriptions; returns how many were opened."""
+def due_subscription_rows(now: datetime, limit: int) -> Any:
+    """The same scan, reading only the columns that opening needs (no ORM objects to build)."""
+    return (
+        select(
+            Subscription.id,
+            Subscription.plan_id,
+            Subscription.status,
+            Subscription.anchor_at,
+            Subscription.next_period_index,
+            Subscription.cancel_at,
+        )
+        .where(Subscription.next_billing_at.is_not(None), Subscription.next_billing_at <= now)
+        .order_by(Subscription.next_billing_at)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    )
+
+
+def open_due_invoices(ctx: Context, *, limit: int = 500, batch_size: int = DEFAULT_BATCH_SIZE) -> int:
+    """Open the invoices of every due period of up to `limit` subscriptions; returns how many were opened.
+
+    Their charges are enqueued through the outbox, `batch_size` invoices per message.
+    """
     now = ctx.clock.now()
-    opened = 0
-    plans: dict[int, Plan] = {}
     with ctx.unit_of_work() as session:
-        for sub in session.execute(due_subscriptions_query(now, limit)).scalars().all():
-            plan = plans.get(sub.plan_id) or session.get(Plan, sub.plan_id)
-            assert plan is not None
-            plans[plan.id] = plan
-            opened += _open_for_subscription(ctx, session, sub, plan, now)
-    return opened
+        subs = session.execute(due_subscription_rows(now, limit)).all()
+        if not subs:
+            return 0
+        plans = {
+            plan.id: plan
+            for plan in session.execute(select(Plan).where(Plan.id.in_({sub.plan_id for sub in subs}))).scalars()
+        }
+        invoices: list[dict[str, Any]] = []
+        updates: list[dict[str, Any]] = []
+        canceled: list[int] = []
+        for sub in subs:
+            update_values = _plan_subscription(ctx, sub, plans[sub.plan_id], now, invoices)
+            if update_values.get("status") == SubscriptionStatus.CANCELED:
+                canceled.append(sub.id)
+            updates.append(update_values)
+        opened = _insert_invoices(session, invoices)
+        event_rows = [
+            _event(now, "subscription.canceled", subscription_id, at_period_end=True) for subscription_id in canceled
+        ]
+        event_rows += [
+            _event(now, "invoice.opened", subscription_id, invoice_id=invoice_id, period=period)
+            for invoice_id, subscription_id, period in opened
+        ]
+        if event_rows:
+            session.execute(insert(Event), event_rows)
+        invoice_ids = [invoice_id for invoice_id, _, _ in opened]
+        if batch_size <= 1:
+            for invoice_id in invoice_ids:
+                enqueue(session, now, CHARGE_INVOICE, invoice_id=invoice_id)
+        else:
+            for start in range(0, len(invoice_ids), batch_size):
+                enqueue(session, now, CHARGE_INVOICES, invoice_ids=invoice_ids[start : start + batch_size])
+        _update_subscriptions(session, updates)
+    return len(invoice_ids)
 
 
-def _open_for_subscription(ctx: Context, session: Session, sub: Subscription, plan: Plan, now: datetime) -> int:
+def _plan_subscription(
+    ctx: Context, sub: Any, plan: Plan, now: datetime, invoices: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """Append the invoice rows of the subscription's due periods; return its new values (with its old counter)."""
     interval, count, tz = Interval(plan.interval), plan.interval_count, ctx.timezone
     old_index = sub.next_period_index
     indexes = due_period_indexes(sub.anchor_at, old_index, now, interval, count, tz, limit=MAX_PERIODS_PER_PASS)
-    opened = 0
     new_index = old_index
-    values: dict[str, Any] = {"updated_at": now}
+    values: dict[str, Any] = {"id": sub.id, "old_index": old_index, "updated_at": now}
     for index in indexes:
         period = period_at(sub.anchor_at, index, interval, count, tz)
         if sub.cancel_at is not None and period.start >= sub.cancel_at:
             values.update(status=SubscriptionStatus.CANCELED, canceled_at=now, next_billing_at=None)
-            events.record(session, now, "subscription.canceled", subscription_id=sub.id, at_period_end=True)
             break
-        invoice_id = _insert_invoice(
-            session,
+        invoices.append(
             {
                 "subscription_id": sub.id,
                 "period_index": index,
@@ -82,28 +130,68 @@ def _open_for_subscription(ctx: Context, session: Session, sub: Subscription, pl
                 "due_at": period.start,
                 "created_at": now,
                 "updated_at": now,
-            },
+            }
         )
         new_index = index + 1
         values.update(current_period_start=period.start, current_period_end=period.end)
-        if invoice_id is not None:
-            opened += 1
-            enqueue(session, now, "billing.charge_invoice", invoice_id=invoice_id)
-            events.record(session, now, "invoice.opened", subscription_id=sub.id, invoice_id=invoice_id, period=index)
     if "next_billing_at" not in values:
         values["next_billing_at"] = period_boundary(sub.anchor_at, new_index, interval, count, tz)
     if sub.status == SubscriptionStatus.TRIALING and new_index > 0:
         values.setdefault("status", SubscriptionStatus.ACTIVE)
     values["next_period_index"] = new_index
-    # Compare-and-set on the period counter: a second beat or worker that got here first wins, and the
-    # unique (subscription_id, period_index) constraint already made its invoices the only ones.
-    session.execute(
-        update(Subscription)
-        .where(Subscription.id == sub.id, Subscription.next_period_index == old_index)
-        .values(**values)
-        .execution_options(synchronize_session=False)
+    return values
+
+
+def _insert_invoices(session: Session, rows: list[dict[str, Any]]) -> list[tuple[int, int, int]]:
+    """INSERT ... ON CONFLICT DO NOTHING on (subscription_id, period_index) for all rows; (id, subscription,
+    period) of the ones this call inserted, in the rows' order."""
+    if not rows:
+        return []
+    dialect = session.get_bind().dialect.name
+    ins: Any = postgresql.insert(Invoice) if dialect == "postgresql" else sqlite.insert(Invoice)
+    stmt = ins.on_conflict_do_nothing(index_elements=["subscription_id", "period_index"]).returning(
+        Invoice.id, Invoice.subscription_id, Invoice.period_index
     )
-    return opened
+    inserted = {(sub, period): invoice_id for invoice_id, sub, period in session.execute(stmt, rows).all()}
+    return [
+        (inserted[key], *key)
+        for key in ((row["subscription_id"], row["period_index"]) for row in rows)
+        if key in inserted
+    ]
+
+
+def _update_subscriptions(session: Session, updates: list[dict[str, Any]]) -> None:
+    """Compare-and-set on the period counter: a second beat or worker that got here first wins, and the unique
+    (subscription_id, period_index) constraint already made its invoices the only ones. One executemany per
+    set of changed columns, in id order."""
+    groups: dict[tuple[str, ...], list[dict[str, Any]]] = defaultdict(list)
+    for values in sorted(updates, key=lambda v: v["id"]):
+        groups[tuple(sorted(values))].append(values)
+    table: Any = Subscription.__table__
+    for keys, rows in groups.items():
+        columns = [k for k in keys if k not in ("id", "old_index")]
+        stmt = (
+            update(table)
+            .where(table.c.id == bindparam("b_id"), table.c.next_period_index == bindparam("b_old_index"))
+            .values({k: bindparam(f"b_{k}") for k in columns})
+        )
+        session.execute(
+            stmt,
+            [{"b_id": r["id"], "b_old_index": r["old_index"], **{f"b_{k}": r[k] for k in columns}} for r in rows],
+        )
+
+
+def _event(now: datetime, kind: str, subscription_id: int, **data: Any) -> dict[str, Any]:
+    invoice_id = data.pop("invoice_id", None)
+    return {
+        "at": now,
+        "kind": kind,
+        "subscription_id": subscription_id,
+        "invoice_id": invoice_id,
+        "attempt_id": None,
+        "refund_id": None,
+        "data": data,
+    }
 
 
 def open_invoice_count(session: Session, subscription_id: int) -> int:
