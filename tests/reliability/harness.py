@@ -17,7 +17,7 @@ import signal
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -122,9 +122,9 @@ class World:
             "TPAGA_PRIVATE_KEY": DEFAULT_PRIVATE_KEY,
             "TPAGA_PUBLIC_KEY": DEFAULT_PUBLIC_KEY,
             "BILLING_WORKER_CONCURRENCY": "4",
-            # An attempt still `sending` after 6 s belongs to a dead worker: a live one gives up on Tpaga
+            # An attempt still `sending` after 5 s belongs to a dead worker: a live one gives up on Tpaga
             # after the 2 s read timeout (plus the latency the emulator adds).
-            "BILLING_SENDING_LEASE_SECONDS": "6",
+            "BILLING_SENDING_LEASE_SECONDS": "5",
             "TPAGA_READ_TIMEOUT": "2",
             "TPAGA_CONNECT_TIMEOUT": "1",
             "BILLING_BEAT_OPEN_SECONDS": "1",
@@ -238,7 +238,7 @@ class World:
             name="Monthly",
             amount=Money.from_major("45000", "COP"),
         )
-        with ThreadPoolExecutor(16) as pool:
+        with ThreadPoolExecutor(32) as pool:
             remote = list(pool.map(self._remote_card, numbers))
         now = self.ctx.clock.now()
         subs: list[Subscription] = []
@@ -393,5 +393,17 @@ def timed(figures: dict[str, Any], key: str = "seconds") -> Iterator[None]:
         figures[key] = round(time.monotonic() - started, 1)
 
 
-def count_lines(log: str, patterns: Iterable[str]) -> dict[str, int]:
-    return {p: len(re.findall(p, log)) for p in patterns}
+class Phases:
+    """Wall time of a scenario's phases, for the figures: `with phases("kills"): ...`."""
+
+    def __init__(self, figures: dict[str, Any]) -> None:
+        self.seconds: dict[str, float] = {}
+        figures["phase_seconds"] = self.seconds
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        started = time.monotonic()
+        try:
+            yield
+        finally:
+            self.seconds[name] = round(time.monotonic() - started, 1)

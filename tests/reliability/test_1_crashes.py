@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from tests.reliability.harness import SCALE, outcomes, scaled, timed
+from tests.reliability.harness import SCALE, Phases, outcomes, scaled, timed
 from tests.reliability.proof import prove
 
 pytestmark = [pytest.mark.reliability, pytest.mark.celery, pytest.mark.postgres, pytest.mark.slow]
@@ -21,57 +21,66 @@ pytestmark = [pytest.mark.reliability, pytest.mark.celery, pytest.mark.postgres,
 
 def test_workers_killed_while_billing_never_charge_twice_nor_lose_a_renewal(make_world: Any) -> None:
     figures: dict[str, Any] = {"runs": 1}
+    phase = Phases(figures)
     with timed(figures):
         # Given hundreds of due subscriptions (a fifth of them two or three periods behind), a few cards that
         # decline or answer 9999, two workers and a beat, and a gateway that takes 150 ms per call
-        world = make_world("1. crashes", latency_ms=150)
-        total = scaled(300)
-        odd = scaled(4)
-        world.seed(approve=total - 3 * odd, soft=odd, hard=odd, unknown=odd)
-        workers = {name: world.start_worker(name) for name in ("w1", "w2")}
-        for proc in workers.values():
-            proc.wait_for_log(r"ready\.", 60)
-        world.start_beat()
+        with phase("seed"):
+            world = make_world("1. crashes")
+            total = scaled(300)
+            odd = scaled(4)
+            world.seed(approve=total - 3 * odd, soft=odd, hard=odd, unknown=odd)
+            world.faults(latencyMs=150)
+        with phase("start"):
+            workers = {name: world.start_worker(name) for name in ("w1", "w2")}
+            for proc in workers.values():
+                proc.wait_for_log(r"ready\.", 60)
+            world.start_beat()
 
-        # When a random worker is SIGKILLed every couple of seconds while billing runs, and restarted
+        # When a random worker is SIGKILLed every second or two while billing runs, and restarted
         rng = random.Random(11)
         hits = 0
-        deadline = time.monotonic() + 90 * SCALE
-        while world.kills < scaled(6) and time.monotonic() < deadline:
-            time.sleep(rng.uniform(1.0, 2.5))
-            name = rng.choice(sorted(workers))
-            hits += bool(world.kill(workers[name]))
-            time.sleep(rng.uniform(0.2, 0.8))
-            workers[name] = world.start_worker(name)
+        with phase("random kills"):
+            deadline = time.monotonic() + 90 * SCALE
+            while world.kills < scaled(6) and time.monotonic() < deadline:
+                time.sleep(rng.uniform(0.8, 2.0))
+                name = rng.choice(sorted(workers))
+                hits += bool(world.kill(workers[name]))
+                time.sleep(rng.uniform(0.2, 0.6))
+                workers[name] = world.start_worker(name)
         figures["random_kills"] = world.kills
         figures["random_kills_with_charges_in_flight"] = hits
-        assert world.wait_settled(90 * SCALE), world.counts()
+        with phase("recovery"):
+            assert world.wait_settled(90 * SCALE), world.counts()
 
         # And then a worker is killed after its attempt is `sending` and before the answer is back
-        for proc in workers.values():
-            proc.stop()
-        world.faults(latencyMs=300, nextCharges=["slow"], slowSeconds=15)
-        victim = world.start_worker("victim", TPAGA_READ_TIMEOUT="30")
-        victim.wait_for_log(r"ready\.", 60)
-        world.seed(approve=1, backdated_share=0)
-        attempt_id = world.wait_for(
-            "select a.id from charge_attempts a where a.state = 'sending'", "an attempt in flight", 30
-        )
-        assert attempt_id in world.kill(victim)
-        survivor = world.start_worker("survivor")
-        world.faults(latencyMs=0)
+        with phase("deterministic kill"):
+            for proc in workers.values():
+                proc.stop()
+            world.faults(latencyMs=300, nextCharges=["slow"], slowSeconds=15)
+            victim = world.start_worker("victim", TPAGA_READ_TIMEOUT="30")
+            victim.wait_for_log(r"ready\.", 60)
+            world.seed(approve=1, backdated_share=0)
+            attempt_id = world.wait_for(
+                "select a.id from charge_attempts a where a.state = 'sending'", "an attempt in flight", 30
+            )
+            assert attempt_id in world.kill(victim)
+            survivor = world.start_worker("survivor")
+            world.faults(latencyMs=0)
 
         # Then after the lease, reconciliation flags it unknown and its invoice waits in review
-        world.wait_for(
-            "select 1 from charge_attempts a join invoices i on i.id = a.invoice_id "
-            "where a.id = :id and a.state = 'unknown' and a.unknown_reason = 'lease_expired' and i.state = 'review'",
-            "the killed attempt flagged for review",
-            30,
-            id=attempt_id,
-        )
-        time.sleep(5)  # two more sweeps and reconciliations: the invoice must not be charged again
+        with phase("flagged after the lease"):
+            world.wait_for(
+                "select 1 from charge_attempts a join invoices i on i.id = a.invoice_id where a.id = :id "
+                "and a.state = 'unknown' and a.unknown_reason = 'lease_expired' and i.state = 'review'",
+                "the killed attempt flagged for review",
+                30,
+                id=attempt_id,
+            )
+        with phase("no second charge"):
+            time.sleep(3)  # more sweeps and reconciliations: the invoice must not be charged again
+            assert world.wait_settled(30), world.counts()
         figures["deterministic_kill_flagged"] = True
-        assert world.wait_settled(30), world.counts()
         survivor.stop()
         figures["charge_outcomes"] = dict(sorted(outcomes(world.logs()).items()))
     prove(world, figures)

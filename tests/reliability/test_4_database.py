@@ -28,6 +28,7 @@ pytestmark = [pytest.mark.reliability, pytest.mark.celery, pytest.mark.postgres,
 def _run(world: Any, figures: dict[str, Any], fault: Any, rounds: int) -> None:
     total = scaled(200)
     world.seed(approve=total - 4, soft=2, unknown=2)
+    world.faults(latencyMs=200)
     workers = [world.start_worker(name) for name in ("w1", "w2")]
     for proc in workers:
         proc.wait_for_log(r"ready\.", 60)
@@ -36,7 +37,7 @@ def _run(world: Any, figures: dict[str, Any], fault: Any, rounds: int) -> None:
     killed = 0
     for _ in range(rounds):
         killed += fault()
-        time.sleep(1.5)
+        time.sleep(0.8)
     figures["fault_rounds"] = rounds
     figures["connections_terminated"] = killed
     assert world.wait_settled(120), world.counts()
@@ -50,8 +51,8 @@ def _run(world: Any, figures: dict[str, Any], fault: Any, rounds: int) -> None:
 def test_database_connections_terminated_mid_run_lose_nothing(make_world: Any) -> None:
     figures: dict[str, Any] = {"runs": 1}
     with timed(figures):
-        world = make_world("4. database faults", latency_ms=200)
-        _run(world, figures, world.terminate_worker_connections, scaled(6))
+        world = make_world("4. database faults")
+        _run(world, figures, world.terminate_worker_connections, scaled(8))
     prove(world, figures)
 
 
@@ -72,6 +73,6 @@ def test_postgresql_restarted_mid_run_loses_nothing(make_world: Any) -> None:
 
     figures: dict[str, Any] = {"runs": 1}
     with timed(figures):
-        world = make_world("4b. database server restarted", latency_ms=200)
+        world = make_world("4b. database server restarted")
         _run(world, figures, restart, 2)
     prove(world, figures)

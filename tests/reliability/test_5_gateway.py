@@ -32,7 +32,7 @@ def test_gateway_faults_are_flagged_and_a_revoked_key_pauses_without_spending_du
     with timed(figures):
         # Given due subscriptions (a few on 51 and 9999 cards) and, for the next charges, a fault plan with
         # about 5 % of each kind; slow answers come after 4 s, the workers' read timeout is 2 s
-        world = make_world("5. gateway faults", latency_ms=20)
+        world = make_world("5. gateway faults")
         total = scaled(300)
         odd = scaled(4)
         world.seed(approve=total - 2 * odd, soft=odd, unknown=odd)
@@ -41,7 +41,7 @@ def test_gateway_faults_are_flagged_and_a_revoked_key_pauses_without_spending_du
             next((k for i, k in enumerate(KINDS) if roll < RATE * (i + 1)), "ok")
             for roll in (rng.random() for _ in range(total * 2))
         ]
-        world.faults(nextCharges=plan, slowSeconds=4)
+        world.faults(latencyMs=20, nextCharges=plan, slowSeconds=4)
         workers = [world.start_worker(name) for name in ("w1", "w2")]
         for proc in workers:
             proc.wait_for_log(r"ready\.", 60)
