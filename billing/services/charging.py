@@ -27,10 +27,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeVar
 
-from sqlalchemy import bindparam, exists, func, insert, or_, select, update
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError, OperationalError
-from sqlalchemy.orm import Session, aliased
+from sqlalchemy.orm import Session
 
 from billing.db import control
 from billing.db.models import Card, ChargeAttempt, Event, Invoice, Plan, Subscription
@@ -39,7 +38,7 @@ from billing.domain.dunning import Action, decide_after_decline
 from billing.domain.money import Money
 from billing.domain.states import AttemptState, CardStatus, InvoiceState, SubscriptionStatus
 from billing.gateway import errors as gw
-from billing.services import events
+from billing.services import bulk, events
 from billing.services.context import Context
 from billing.services.errors import NotFound
 
@@ -127,30 +126,25 @@ def _cas(session: Session, model: Any, row_id: int, states: tuple[str, ...], **v
     return bool(result.rowcount)  # type: ignore[attr-defined]
 
 
-def _cas_many(session: Session, model: Any, states: tuple[str, ...], rows: list[dict[str, Any]]) -> None:
-    """`_cas` for many rows in one executemany; each row is {"id": ..., column: value, ...}, same keys."""
-    if not rows:
-        return
-    table = model.__table__
-    keys = [k for k in rows[0] if k != "id"]
-    stmt = (
-        update(table)
-        .where(table.c.id == bindparam("b_id"), or_(*(table.c.state == s for s in states)))
-        .values({k: bindparam(f"b_{k}") for k in keys})
-    )
-    params = [{"b_id": r["id"], **{f"b_{k}": r[k] for k in keys}} for r in sorted(rows, key=lambda r: r["id"])]
-    session.execute(stmt, params)
+def _move_states(
+    session: Session, model: Any, rows: list[dict[str, Any]], states: tuple[str, ...]
+) -> list[dict[str, Any]]:
+    """Compare-and-set many rows: lock them, keep those still in one of `states`, write each row's values
+    ({"id": ..., column: value}); returns the rows written."""
+    current = bulk.lock_rows(session, model, [r["id"] for r in rows], "state")
+    moved = [r for r in rows if r["id"] in current and current[r["id"]].state in states]
+    bulk.update_rows(session, model, moved)
+    return moved
 
 
 def _insert_events(session: Session, rows: list[dict[str, Any]]) -> None:
     """The events of many outcomes in one INSERT (the same rows `events.record` writes one at a time)."""
-    if rows:
-        session.execute(insert(Event), rows)
-        for row in rows:
-            if row["kind"] in events.ALERT_KINDS:
-                events.log.warning(
-                    "ALERT %s invoice=%s attempt=%s %s", row["kind"], row["invoice_id"], row["attempt_id"], row["data"]
-                )
+    bulk.insert_rows(session, Event, rows)
+    for row in rows:
+        if row["kind"] in events.ALERT_KINDS:
+            events.log.warning(
+                "ALERT %s invoice=%s attempt=%s %s", row["kind"], row["invoice_id"], row["attempt_id"], row["data"]
+            )
 
 
 def _event(
@@ -217,10 +211,7 @@ def _claim_in(
     if billing_paused(session) is not None:
         return [], {i: ChargeOutcome(i, "paused") for i in ids}
     outcomes: dict[int, ChargeOutcome] = {}
-    taken = _take_due(session, ids, now)
-    missed = [i for i in ids if i not in taken]
-    if missed:
-        outcomes.update(_why_not_claimed(session, missed, now))
+    taken = _take_due(session, ids, now, outcomes)
     if not taken:
         return [], outcomes
     rows = session.execute(
@@ -240,7 +231,7 @@ def _claim_in(
         .join(Subscription, Subscription.id == Invoice.subscription_id)
         .join(Plan, Plan.id == Subscription.plan_id)
         .outerjoin(Card, Card.id == Subscription.card_id)
-        .where(Invoice.id.in_(taken))
+        .where(bulk.id_in(Invoice.id, taken, bulk.dialect_of(session)))
         .order_by(Invoice.id)
     ).all()
     wanted: list[tuple[Any, int, str]] = []  # (row, card id, Tpaga card id)
@@ -264,7 +255,7 @@ def _claim_in(
     numbers: dict[int, int] = dict(
         session.execute(
             select(ChargeAttempt.invoice_id, func.max(ChargeAttempt.attempt_number))
-            .where(ChargeAttempt.invoice_id.in_([row.id for row, _, _ in wanted]))
+            .where(bulk.id_in(ChargeAttempt.invoice_id, [row.id for row, _, _ in wanted], bulk.dialect_of(session)))
             .group_by(ChargeAttempt.invoice_id)
         ).all()
     )
@@ -284,14 +275,10 @@ def _claim_in(
                 "created_at": now,
             }
         )
-    dialect = session.get_bind().dialect.name
-    ins: Any = postgresql.insert(ChargeAttempt) if dialect == "postgresql" else sqlite.insert(ChargeAttempt)
     # ON CONFLICT DO NOTHING covers every unique index: a partial index refusing a second attempt in flight
     # skips that one invoice instead of failing the batch.
     inserted = dict(
-        session.execute(
-            ins.on_conflict_do_nothing().returning(ChargeAttempt.invoice_id, ChargeAttempt.id), values
-        ).all()
+        bulk.insert_rows(session, ChargeAttempt, values, returning=("invoice_id", "id"), on_conflict_do_nothing=True)
     )
     claims: list[Claim] = []
     for (row, _, tpaga_card_id), value in zip(wanted, values, strict=True):
@@ -318,53 +305,63 @@ def _claim_in(
     return claims, outcomes
 
 
-def _take_due(session: Session, ids: list[int], now: datetime) -> set[int]:
-    """Compare-and-set the schedule of every id that is open, due, free of attempts in flight and not locked
-    by another claimer (SKIP LOCKED on PostgreSQL; SQLite serializes writers instead): due_at -> NULL."""
-    candidate = aliased(Invoice)
-    in_flight = exists().where(ChargeAttempt.invoice_id == candidate.id, ChargeAttempt.state.in_(OPEN_ATTEMPT_STATES))
-    due = (
-        select(candidate.id)
-        .where(
-            candidate.id.in_(ids),
-            candidate.state == InvoiceState.OPEN,
-            candidate.due_at.is_not(None),
-            candidate.due_at <= now,
-            ~in_flight,
+def _take_due(session: Session, ids: list[int], now: datetime, outcomes: dict[int, ChargeOutcome]) -> list[int]:
+    """Take every id that is open, due now and without an attempt in flight off the schedule (due_at -> NULL),
+    skipping rows another claimer holds (PostgreSQL; SQLite serializes writers). The others get their reason
+    in `outcomes`."""
+    locked = bulk.lock_rows(session, Invoice, ids, "state", "due_at", skip_locked=True)
+    due = [i for i in ids if i in locked and _reason(locked[i], now) is None]
+    busy = (
+        set(
+            session.execute(
+                select(ChargeAttempt.invoice_id).where(
+                    bulk.id_in(ChargeAttempt.invoice_id, due, bulk.dialect_of(session)),
+                    ChargeAttempt.state.in_(OPEN_ATTEMPT_STATES),
+                )
+            ).scalars()
         )
-        .order_by(candidate.id)
-        .with_for_update(skip_locked=True)
+        if due
+        else set()
     )
-    result = session.execute(
-        update(Invoice)
-        .where(Invoice.id.in_(due), Invoice.state == InvoiceState.OPEN, Invoice.due_at.is_not(None))
-        .values(due_at=None, updated_at=now)
-        .returning(Invoice.id)
-        .execution_options(synchronize_session=False)
+    taken = [i for i in due if i not in busy]
+    bulk.update_ids(session, Invoice, taken, due_at=None, updated_at=now)
+    # Ids not locked: unknown, or held by another claimer right now (read without waiting for it).
+    unlocked = [i for i in ids if i not in locked]
+    found = (
+        {
+            row.id: row
+            for row in session.execute(
+                select(Invoice.id, Invoice.state, Invoice.due_at).where(
+                    bulk.id_in(Invoice.id, unlocked, bulk.dialect_of(session))
+                )
+            )
+        }
+        if unlocked
+        else {}
     )
-    return set(result.scalars())
-
-
-def _why_not_claimed(session: Session, ids: list[int], now: datetime) -> dict[int, ChargeOutcome]:
-    found = {
-        row.id: row
-        for row in session.execute(select(Invoice.id, Invoice.state, Invoice.due_at).where(Invoice.id.in_(ids)))
-    }
-    outcomes = {}
     for invoice_id in ids:
-        row = found.get(invoice_id)
-        if row is None:
-            reason = "not_found"
-        elif row.state != InvoiceState.OPEN:
-            reason = {"paid": "already_paid", "review": "in_review"}.get(row.state, row.state)
-        elif row.due_at is None:
-            reason = "not_scheduled"
-        elif row.due_at > now:
-            reason = "not_due"
+        if invoice_id in busy:
+            outcomes[invoice_id] = ChargeOutcome(invoice_id, "claimed_elsewhere")
+        elif invoice_id in locked:
+            reason = _reason(locked[invoice_id], now)
+            if reason is not None:
+                outcomes[invoice_id] = ChargeOutcome(invoice_id, reason)
+        elif invoice_id not in found:
+            outcomes[invoice_id] = ChargeOutcome(invoice_id, "not_found")
         else:
-            reason = "claimed_elsewhere"  # locked by another claimer, or an attempt of it is in flight
-        outcomes[invoice_id] = ChargeOutcome(invoice_id, reason)
-    return outcomes
+            outcomes[invoice_id] = ChargeOutcome(invoice_id, _reason(found[invoice_id], now) or "claimed_elsewhere")
+    return taken
+
+
+def _reason(invoice: Any, now: datetime) -> str | None:
+    """Why an invoice (state, due_at) cannot be charged now, or None when it can."""
+    if invoice.state != InvoiceState.OPEN:
+        return {"paid": "already_paid", "review": "in_review"}.get(invoice.state, str(invoice.state))
+    if invoice.due_at is None:
+        return "not_scheduled"
+    if invoice.due_at > now:
+        return "not_due"
+    return None
 
 
 def _usable_card_of_customer(session: Session, customer_id: int) -> tuple[int, str] | None:
@@ -413,17 +410,15 @@ def mark_sending(ctx: Context, claims: Sequence[Claim]) -> tuple[list[Claim], li
         return [], []
     now = ctx.clock.now()
     with ctx.unit_of_work() as session:
-        marked = set(
-            session.execute(
-                update(ChargeAttempt)
-                .where(
-                    ChargeAttempt.id.in_([c.attempt_id for c in claims]),
-                    ChargeAttempt.state == AttemptState.PENDING,
-                )
-                .values(state=AttemptState.SENDING, sent_at=now, lease_expires_at=now + ctx.sending_lease)
-                .returning(ChargeAttempt.id)
-                .execution_options(synchronize_session=False)
-            ).scalars()
+        current = bulk.lock_rows(session, ChargeAttempt, [c.attempt_id for c in claims], "state")
+        marked = {i for i, row in current.items() if row.state == AttemptState.PENDING}
+        bulk.update_ids(
+            session,
+            ChargeAttempt,
+            sorted(marked),
+            state=AttemptState.SENDING,
+            sent_at=now,
+            lease_expires_at=now + ctx.sending_lease,
         )
     sending = [c for c in claims if c.attempt_id in marked]
     lost = [ChargeOutcome(c.invoice_id, "lost_claim", c.attempt_id) for c in claims if c.attempt_id not in marked]
@@ -508,10 +503,9 @@ def _record_approved(session: Session, now: datetime, items: list[Sent]) -> dict
     if not items:
         return {}
     # IN_FLIGHT: a late answer still wins over a lease that reconciliation already expired.
-    _cas_many(
+    _move_states(
         session,
         ChargeAttempt,
-        IN_FLIGHT,
         [
             {
                 "id": item.claim.attempt_id,
@@ -528,6 +522,7 @@ def _record_approved(session: Session, now: datetime, items: list[Sent]) -> dict
             }
             for item in items
         ],
+        IN_FLIGHT,
     )
     mark_invoices_paid(session, now, [(item.claim.invoice_id, item.claim.attempt_id) for item in items])
     return {
@@ -543,35 +538,33 @@ def mark_invoice_paid(session: Session, now: datetime, invoice_id: int, attempt_
 def mark_invoices_paid(session: Session, now: datetime, paid: list[tuple[int, int]]) -> None:
     """Invoices (with their approved attempts) become paid; a subscription with nothing else outstanding is
     active again."""
-    invoice_ids = sorted(invoice_id for invoice_id, _ in paid)
-    session.execute(
-        update(Invoice)
-        .where(Invoice.id.in_(invoice_ids), Invoice.state.in_((InvoiceState.OPEN, InvoiceState.REVIEW)))
-        .values(state=InvoiceState.PAID, paid_at=now, due_at=None, review_reason=None, updated_at=now)
-        .execution_options(synchronize_session=False)
-    )
-    subscription_of: dict[int, int] = dict(
-        session.execute(select(Invoice.id, Invoice.subscription_id).where(Invoice.id.in_(invoice_ids))).all()
+    dialect = bulk.dialect_of(session)
+    invoices = bulk.lock_rows(session, Invoice, [invoice_id for invoice_id, _ in paid], "state", "subscription_id")
+    payable = [i for i, row in invoices.items() if row.state in (InvoiceState.OPEN, InvoiceState.REVIEW)]
+    bulk.update_ids(
+        session, Invoice, payable, state=InvoiceState.PAID, paid_at=now, due_at=None, review_reason=None, updated_at=now
     )
     _insert_events(
         session,
-        [_event(now, "charge.approved", subscription_of[inv], inv, att) for inv, att in paid],
+        [_event(now, "charge.approved", invoices[inv].subscription_id, inv, att) for inv, att in paid],
     )
-    subscription_ids = sorted(set(subscription_of.values()))
-    outstanding = set(
-        session.execute(
-            select(Invoice.subscription_id).where(
-                Invoice.subscription_id.in_(subscription_ids),
-                Invoice.state.in_((InvoiceState.OPEN, InvoiceState.REVIEW)),
+    subscription_ids = sorted({row.subscription_id for row in invoices.values()})
+    # All invoices of these subscriptions (a year has twelve), filtered here: see billing.services.bulk.
+    outstanding = {
+        sub
+        for sub, state in session.execute(
+            select(Invoice.subscription_id, Invoice.state).where(
+                bulk.id_in(Invoice.subscription_id, subscription_ids, dialect)
             )
-        ).scalars()
-    )
+        ).all()
+        if state in (InvoiceState.OPEN, InvoiceState.REVIEW)
+    }
     settled = [s for s in subscription_ids if s not in outstanding]
     if settled:
         session.execute(
             update(Subscription)
             .where(
-                Subscription.id.in_(settled),
+                bulk.id_in(Subscription.id, settled, dialect),
                 Subscription.status.in_((SubscriptionStatus.PAST_DUE, SubscriptionStatus.TRIALING)),
             )
             .values(status=SubscriptionStatus.ACTIVE, updated_at=now)
@@ -601,7 +594,7 @@ def _record_declines(ctx: Context, session: Session, now: datetime, items: list[
             }
         )
         declines.append((item.claim.invoice_id, item.claim.attempt_id, exc.error_code, DeclineClass(exc.decline_class)))
-    _cas_many(session, ChargeAttempt, IN_FLIGHT, rows)
+    _move_states(session, ChargeAttempt, rows, IN_FLIGHT)
     apply_declines(ctx, session, now, declines)
     return {
         item.claim.attempt_id: ChargeOutcome(item.claim.invoice_id, "declined", item.claim.attempt_id, code)
@@ -631,18 +624,14 @@ def apply_declines(
 ) -> None:
     """`apply_decline` for many (invoice id, attempt id, errorCode, class): the dunning decision of each, written
     with one statement per kind of change."""
-    invoice_ids = [d[0] for d in declines]
-    invoices = {
-        row.id: row
-        for row in session.execute(
-            select(Invoice.id, Invoice.subscription_id, Invoice.soft_failures, Invoice.first_failure_at).where(
-                Invoice.id.in_(invoice_ids)
-            )
-        )
-    }
+    invoices = bulk.lock_rows(
+        session, Invoice, [d[0] for d in declines], "state", "subscription_id", "soft_failures", "first_failure_at"
+    )
     card_of: dict[int, int] = dict(
         session.execute(
-            select(ChargeAttempt.id, ChargeAttempt.card_id).where(ChargeAttempt.id.in_([d[1] for d in declines]))
+            select(ChargeAttempt.id, ChargeAttempt.card_id).where(
+                bulk.id_in(ChargeAttempt.id, [d[1] for d in declines], bulk.dialect_of(session))
+            )
         ).all()
     )
     invoice_updates: dict[tuple[str, ...], list[dict[str, Any]]] = defaultdict(list)
@@ -668,7 +657,8 @@ def apply_declines(
             pause_billing(session, now, "merchant_decline", code)
         elif decision.action == Action.REVIEW:
             values.update(state=InvoiceState.REVIEW, due_at=None, review_reason=f"errorCode {code!r}")
-        invoice_updates[tuple(sorted(values))].append(values)
+        if invoice.state in (InvoiceState.OPEN, InvoiceState.REVIEW):
+            invoice_updates[tuple(sorted(values))].append(values)
         if decision.card_unusable:
             unusable[card_of[attempt_id]] = code
         status = decision.subscription_status
@@ -689,7 +679,7 @@ def apply_declines(
             )
         )
     for rows in invoice_updates.values():
-        _cas_many(session, Invoice, (InvoiceState.OPEN, InvoiceState.REVIEW), rows)
+        bulk.update_rows(session, Invoice, rows)
     for card_id, code in sorted(unusable.items()):
         session.execute(update(Card).where(Card.id == card_id).values(status=CardStatus.UNUSABLE, unusable_code=code))
     for subscription_id, status in sorted(subscription_status.items()):

@@ -14,13 +14,13 @@ from collections import defaultdict
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Select, bindparam, insert, select, update
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy import Select, select
 from sqlalchemy.orm import Session
 
 from billing.db.models import Event, Invoice, Plan, Subscription
 from billing.domain.periods import Interval, due_period_indexes, period_at, period_boundary
 from billing.domain.states import InvoiceState, SubscriptionStatus
+from billing.services import bulk
 from billing.services.context import Context, enqueue
 
 # Catch-up after long downtime is bounded per pass so one subscription cannot hold a transaction forever.
@@ -91,8 +91,7 @@ def open_due_invoices(ctx: Context, *, limit: int = 500, batch_size: int = DEFAU
             _event(now, "invoice.opened", subscription_id, invoice_id=invoice_id, period=period)
             for invoice_id, subscription_id, period in opened
         ]
-        if event_rows:
-            session.execute(insert(Event), event_rows)
+        bulk.insert_rows(session, Event, event_rows)
         invoice_ids = [invoice_id for invoice_id, _, _ in opened]
         if batch_size <= 1:
             for invoice_id in invoice_ids:
@@ -112,7 +111,7 @@ def _plan_subscription(
     old_index = sub.next_period_index
     indexes = due_period_indexes(sub.anchor_at, old_index, now, interval, count, tz, limit=MAX_PERIODS_PER_PASS)
     new_index = old_index
-    values: dict[str, Any] = {"id": sub.id, "old_index": old_index, "updated_at": now}
+    values: dict[str, Any] = {"id": sub.id, "old_next_period_index": old_index, "updated_at": now}
     for index in indexes:
         period = period_at(sub.anchor_at, index, interval, count, tz)
         if sub.cancel_at is not None and period.start >= sub.cancel_at:
@@ -145,14 +144,15 @@ def _plan_subscription(
 def _insert_invoices(session: Session, rows: list[dict[str, Any]]) -> list[tuple[int, int, int]]:
     """INSERT ... ON CONFLICT DO NOTHING on (subscription_id, period_index) for all rows; (id, subscription,
     period) of the ones this call inserted, in the rows' order."""
-    if not rows:
-        return []
-    dialect = session.get_bind().dialect.name
-    ins: Any = postgresql.insert(Invoice) if dialect == "postgresql" else sqlite.insert(Invoice)
-    stmt = ins.on_conflict_do_nothing(index_elements=["subscription_id", "period_index"]).returning(
-        Invoice.id, Invoice.subscription_id, Invoice.period_index
+    returned = bulk.insert_rows(
+        session,
+        Invoice,
+        rows,
+        returning=("id", "subscription_id", "period_index"),
+        on_conflict_do_nothing=True,
+        conflict_columns=("subscription_id", "period_index"),
     )
-    inserted = {(sub, period): invoice_id for invoice_id, sub, period in session.execute(stmt, rows).all()}
+    inserted = {(sub, period): invoice_id for invoice_id, sub, period in returned}
     return [
         (inserted[key], *key)
         for key in ((row["subscription_id"], row["period_index"]) for row in rows)
@@ -162,23 +162,13 @@ def _insert_invoices(session: Session, rows: list[dict[str, Any]]) -> list[tuple
 
 def _update_subscriptions(session: Session, updates: list[dict[str, Any]]) -> None:
     """Compare-and-set on the period counter: a second beat or worker that got here first wins, and the unique
-    (subscription_id, period_index) constraint already made its invoices the only ones. One executemany per
-    set of changed columns, in id order."""
+    (subscription_id, period_index) constraint already made its invoices the only ones. One statement per set
+    of changed columns."""
     groups: dict[tuple[str, ...], list[dict[str, Any]]] = defaultdict(list)
-    for values in sorted(updates, key=lambda v: v["id"]):
+    for values in updates:
         groups[tuple(sorted(values))].append(values)
-    table: Any = Subscription.__table__
-    for keys, rows in groups.items():
-        columns = [k for k in keys if k not in ("id", "old_index")]
-        stmt = (
-            update(table)
-            .where(table.c.id == bindparam("b_id"), table.c.next_period_index == bindparam("b_old_index"))
-            .values({k: bindparam(f"b_{k}") for k in columns})
-        )
-        session.execute(
-            stmt,
-            [{"b_id": r["id"], "b_old_index": r["old_index"], **{f"b_{k}": r[k] for k in columns}} for r in rows],
-        )
+    for rows in groups.values():
+        bulk.update_rows(session, Subscription, rows, unless_changed="next_period_index")
 
 
 def _event(now: datetime, kind: str, subscription_id: int, **data: Any) -> dict[str, Any]:
