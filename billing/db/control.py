@@ -9,6 +9,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import select
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 
 from billing.clock import Clock, SystemClock
@@ -29,6 +30,20 @@ def set_value(session: Session, key: str, value: str, now: datetime) -> None:
     else:
         row.value = value
         row.updated_at = now
+
+
+def insert_if_absent(session: Session, key: str, value: str, now: datetime) -> bool:
+    """Store `key` unless it exists; True when this call stored it. Concurrent callers never fail: the loser of
+    a race does nothing (INSERT ... ON CONFLICT DO NOTHING), where a plain insert would raise a unique
+    violation at commit and roll back the caller's whole transaction."""
+    dialect = session.get_bind().dialect.name
+    insert: Any = postgresql.insert(Control) if dialect == "postgresql" else sqlite.insert(Control)
+    stmt = (
+        insert.values(key=key, value=value, updated_at=now)
+        .on_conflict_do_nothing(index_elements=["key"])
+        .returning(Control.key)
+    )
+    return session.execute(stmt).scalar_one_or_none() is not None
 
 
 def delete_value(session: Session, key: str) -> None:

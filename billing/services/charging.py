@@ -97,10 +97,14 @@ def billing_paused(session: Session) -> dict[str, Any] | None:
 
 
 def pause_billing(session: Session, now: datetime, reason: str, error_code: str | None) -> None:
-    """Stop all charging until an operator (or the gateway probe) resumes it."""
-    if control.get_pause(session) is None:
-        payload = json.dumps({"reason": reason, "error_code": error_code, "since": now.isoformat()})
-        control.set_value(session, control.PAUSE_KEY, payload, now)
+    """Stop all charging until an operator (or the gateway probe) resumes it.
+
+    Workers that see a 401 at the same moment all pause: the first one records the pause (and its event), the
+    others do nothing. A failed insert here would roll back the caller's transaction, with every charge
+    outcome it was recording (a whole batch's), and leave those attempts for the review queue.
+    """
+    payload = json.dumps({"reason": reason, "error_code": error_code, "since": now.isoformat()})
+    if control.insert_if_absent(session, control.PAUSE_KEY, payload, now):
         events.record(session, now, "billing.paused", reason=reason, error_code=error_code)
 
 
