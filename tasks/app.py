@@ -9,7 +9,7 @@ from typing import Any, cast
 from celery import Celery, Task
 
 from billing.config import Settings
-from tasks import logs, monitor
+from tasks import logs, monitor, resilience
 from tasks.base import BillingTask
 from tasks.config import TaskSettings, celery_config
 from tasks.wiring import Runtime
@@ -27,6 +27,8 @@ runtime = Runtime(app, task_settings)
 logs.install()
 # Flower keeps the arguments a SENDER put in its task-sent event: only our worker's masked ones may show.
 monitor.install()
+# A worker must reconnect after a broker restart, not exit on a kombu AttributeError (see tasks.resilience).
+resilience.install()
 
 
 def task(name: str, **options: Any) -> Callable[[Callable[..., Any]], Task]:

@@ -1,0 +1,42 @@
+"""A channel whose broker connection was torn down (the transport detached, as Celery's consumer does when Redis
+goes away) fails with a connection error, which Celery handles by reconnecting, never with the AttributeError
+that made a worker exit after a Redis restart."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from kombu import Connection
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+import tasks  # noqa: F401  (installs the guard)
+from tests.procs import RedisServer
+
+
+@pytest.fixture
+def redis_url(tmp_path: Path) -> Iterator[str]:
+    try:
+        server = RedisServer(tmp_path).start()
+    except RuntimeError as exc:
+        pytest.skip(str(exc))
+    yield server.url
+    server.stop()
+
+
+def test_a_detached_channel_raises_a_connection_error(redis_url: str) -> None:
+    connection = Connection(redis_url)
+    channel = connection.channel()
+    channel.client.ping()
+    connection.transport.client = None  # what Connection.collect() does to the broken connection
+    with pytest.raises(RedisConnectionError):
+        channel._connparams()
+    assert RedisConnectionError in connection.connection_errors  # what Celery handles by reconnecting
+
+
+def test_a_live_channel_is_untouched(redis_url: str) -> None:
+    with Connection(redis_url) as connection:
+        channel = connection.channel()
+        assert channel._connparams()["port"] == int(redis_url.rsplit(":", 1)[1].split("/")[0])
+        channel.close()
