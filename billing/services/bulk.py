@@ -48,10 +48,11 @@ def lock_rows(
     ids = sorted(set(ids))
     if not ids:
         return {}
+    table = model.__table__  # Core columns: no ORM compile step for a statement that builds no objects
     query = (
-        select(model.id, *(getattr(model, c) for c in columns))
-        .where(id_in(model.id, ids, dialect_of(session)))
-        .order_by(model.id)
+        select(table.c.id, *(table.c[c] for c in columns))
+        .where(id_in(table.c.id, ids, dialect_of(session)))
+        .order_by(table.c.id)
         .with_for_update(skip_locked=skip_locked)
     )
     return {row.id: row for row in session.execute(query)}

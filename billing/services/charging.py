@@ -48,6 +48,13 @@ T = TypeVar("T")
 
 IN_FLIGHT = (AttemptState.SENDING, AttemptState.UNKNOWN)
 OPEN_ATTEMPT_STATES = (AttemptState.PENDING, AttemptState.SENDING, AttemptState.UNKNOWN)
+# Hot statements select Core columns: the ORM's compile step is wasted on rows that build no objects.
+_ATTEMPTS: Any = ChargeAttempt.__table__
+_INVOICES: Any = Invoice.__table__
+
+
+def _table(model: Any) -> Any:
+    return model.__table__
 
 
 @dataclass(frozen=True)
@@ -218,25 +225,28 @@ def _claim_in(
     taken = _take_due(session, ids, now, outcomes)
     if not taken:
         return [], outcomes
+    t_inv, t_sub, t_plan, t_card = (_table(m) for m in (Invoice, Subscription, Plan, Card))  # Core, no ORM objects
     rows = session.execute(
         select(
-            Invoice.id,
-            Invoice.amount_minor,
-            Invoice.currency,
-            Invoice.period_index,
-            Subscription.id.label("subscription_id"),
-            Subscription.status,
-            Subscription.customer_id,
-            Plan.name.label("plan_name"),
-            Card.id.label("card_id"),
-            Card.tpaga_card_id,
-            Card.status.label("card_status"),
+            t_inv.c.id,
+            t_inv.c.amount_minor,
+            t_inv.c.currency,
+            t_inv.c.period_index,
+            t_sub.c.id.label("subscription_id"),
+            t_sub.c.status,
+            t_sub.c.customer_id,
+            t_plan.c.name.label("plan_name"),
+            t_card.c.id.label("card_id"),
+            t_card.c.tpaga_card_id,
+            t_card.c.status.label("card_status"),
         )
-        .join(Subscription, Subscription.id == Invoice.subscription_id)
-        .join(Plan, Plan.id == Subscription.plan_id)
-        .outerjoin(Card, Card.id == Subscription.card_id)
-        .where(bulk.id_in(Invoice.id, taken, bulk.dialect_of(session)))
-        .order_by(Invoice.id)
+        .select_from(
+            t_inv.join(t_sub, t_sub.c.id == t_inv.c.subscription_id)
+            .join(t_plan, t_plan.c.id == t_sub.c.plan_id)
+            .outerjoin(t_card, t_card.c.id == t_sub.c.card_id)
+        )
+        .where(bulk.id_in(t_inv.c.id, taken, bulk.dialect_of(session)))
+        .order_by(t_inv.c.id)
     ).all()
     wanted: list[tuple[Any, int, str]] = []  # (row, card id, Tpaga card id)
     for row in rows:
@@ -258,9 +268,9 @@ def _claim_in(
         return [], outcomes
     numbers: dict[int, int] = dict(
         session.execute(
-            select(ChargeAttempt.invoice_id, func.max(ChargeAttempt.attempt_number))
-            .where(bulk.id_in(ChargeAttempt.invoice_id, [row.id for row, _, _ in wanted], bulk.dialect_of(session)))
-            .group_by(ChargeAttempt.invoice_id)
+            select(_ATTEMPTS.c.invoice_id, func.max(_ATTEMPTS.c.attempt_number))
+            .where(bulk.id_in(_ATTEMPTS.c.invoice_id, [row.id for row, _, _ in wanted], bulk.dialect_of(session)))
+            .group_by(_ATTEMPTS.c.invoice_id)
         ).all()
     )
     values = []
@@ -318,9 +328,9 @@ def _take_due(session: Session, ids: list[int], now: datetime, outcomes: dict[in
     busy = (
         set(
             session.execute(
-                select(ChargeAttempt.invoice_id).where(
-                    bulk.id_in(ChargeAttempt.invoice_id, due, bulk.dialect_of(session)),
-                    ChargeAttempt.state.in_(OPEN_ATTEMPT_STATES),
+                select(_ATTEMPTS.c.invoice_id).where(
+                    bulk.id_in(_ATTEMPTS.c.invoice_id, due, bulk.dialect_of(session)),
+                    _ATTEMPTS.c.state.in_(OPEN_ATTEMPT_STATES),
                 )
             ).scalars()
         )
@@ -557,8 +567,8 @@ def mark_invoices_paid(session: Session, now: datetime, paid: list[tuple[int, in
     outstanding = {
         sub
         for sub, state in session.execute(
-            select(Invoice.subscription_id, Invoice.state).where(
-                bulk.id_in(Invoice.subscription_id, subscription_ids, dialect)
+            select(_INVOICES.c.subscription_id, _INVOICES.c.state).where(
+                bulk.id_in(_INVOICES.c.subscription_id, subscription_ids, dialect)
             )
         ).all()
         if state in (InvoiceState.OPEN, InvoiceState.REVIEW)

@@ -44,18 +44,19 @@ def due_subscriptions_query(now: datetime, limit: int) -> Select[Subscription]:
 
 
 def due_subscription_rows(now: datetime, limit: int) -> Any:
-    """The same scan, reading only the columns that opening needs (no ORM objects to build)."""
+    """The same scan, reading only the columns that opening needs (Core columns: no ORM objects to build)."""
+    table: Any = Subscription.__table__
     return (
         select(
-            Subscription.id,
-            Subscription.plan_id,
-            Subscription.status,
-            Subscription.anchor_at,
-            Subscription.next_period_index,
-            Subscription.cancel_at,
+            table.c.id,
+            table.c.plan_id,
+            table.c.status,
+            table.c.anchor_at,
+            table.c.next_period_index,
+            table.c.cancel_at,
         )
-        .where(Subscription.next_billing_at.is_not(None), Subscription.next_billing_at <= now)
-        .order_by(Subscription.next_billing_at)
+        .where(table.c.next_billing_at.is_not(None), table.c.next_billing_at <= now)
+        .order_by(table.c.next_billing_at)
         .limit(limit)
         .with_for_update(skip_locked=True)
     )
