@@ -376,12 +376,19 @@ def results(log: str, name: str = "billing.charge_invoice") -> list[tuple[str, d
     return found
 
 
-def received(log: str, name: str = "billing.charge_invoice") -> list[str]:
-    return [m.group(2) for m in _RECEIVED.finditer(log) if m.group(1) == name]
+CHARGE_TASKS = ("billing.charge_invoice", "billing.charge_invoices")  # one invoice, or a batch of them
+
+
+def received(log: str, names: tuple[str, ...] = CHARGE_TASKS) -> list[str]:
+    return [m.group(2) for m in _RECEIVED.finditer(log) if m.group(1) in names]
 
 
 def outcomes(log: str) -> Counter[str]:
-    return Counter(str(r.get("outcome")) for _, r in results(log))
+    """Charge outcomes in the workers' results: one per billing.charge_invoice, a count per batch."""
+    counts: Counter[str] = Counter(str(r.get("outcome")) for _, r in results(log))
+    for _, batch in results(log, "billing.charge_invoices"):
+        counts.update({str(k): int(v) for k, v in dict(batch.get("outcomes") or {}).items()})
+    return counts
 
 
 @contextlib.contextmanager

@@ -216,7 +216,6 @@ def prove(world: World, figures: dict[str, Any], *, paused_allowed: bool = False
             "kills": world.kills,
             "faults_at_tpaga": {k: v for k, v in stats.get("faults", {}).items() if v},
             "charge_messages_delivered": deliveries,
-            "charge_messages_without_a_charge": max(0, deliveries - len(attempts)),
             "secrets_found": len(leaks),
         }
     )
