@@ -24,30 +24,32 @@ def test_workers_killed_while_billing_never_charge_twice_nor_lose_a_renewal(make
     phase = Phases(figures)
     with timed(figures):
         # Given hundreds of due subscriptions (a fifth of them two or three periods behind), a few cards that
-        # decline or answer 9999, two workers and a beat, and a gateway that takes 150 ms per call
+        # decline or answer 9999, two workers and a beat, and a gateway that takes 400 ms per call; small
+        # batches and few threads keep billing going for several seconds, so that the kills hit charges in flight
         with phase("seed"):
             world = make_world("1. crashes")
+            world.env_defaults.update(BILLING_CHARGE_BATCH_SIZE="5")
             total = scaled(300)
             odd = scaled(4)
             world.seed(approve=total - 3 * odd, soft=odd, hard=odd, unknown=odd)
-            world.faults(latencyMs=150)
+            world.faults(latencyMs=400)
         with phase("start"):
-            workers = {name: world.start_worker(name) for name in ("w1", "w2")}
+            workers = {name: world.start_worker(name, 2) for name in ("w1", "w2")}
             for proc in workers.values():
                 proc.wait_for_log(r"ready\.", 60)
             world.start_beat()
 
-        # When a random worker is SIGKILLed every second or two while billing runs, and restarted
+        # When a random worker is SIGKILLed every second or so while billing runs, and restarted
         rng = random.Random(11)
         hits = 0
         with phase("random kills"):
             deadline = time.monotonic() + 90 * SCALE
             while world.kills < scaled(6) and time.monotonic() < deadline:
-                time.sleep(rng.uniform(0.8, 2.0))
+                time.sleep(rng.uniform(0.6, 1.6))
                 name = rng.choice(sorted(workers))
                 hits += bool(world.kill(workers[name]))
                 time.sleep(rng.uniform(0.2, 0.6))
-                workers[name] = world.start_worker(name)
+                workers[name] = world.start_worker(name, 2)
         figures["random_kills"] = world.kills
         figures["random_kills_with_charges_in_flight"] = hits
         with phase("recovery"):
