@@ -11,9 +11,11 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
+import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from collections.abc import Callable
@@ -204,3 +206,55 @@ def decode_broker_value(value: bytes) -> str:
                 if encoding == "base64" and isinstance(body, str):
                     shown.append(base64.b64decode(body).decode(errors="replace"))
     return "\n".join(shown)
+
+
+class PostgresServer:
+    """A PostgreSQL cluster of the test's own (initdb into a temporary directory, a free port, trust auth), so a
+    test may restart it without disturbing anything else that uses the machine's server. As root, the
+    server runs as the `postgres` user (PostgreSQL refuses to run as root)."""
+
+    def __init__(self) -> None:
+        bindir = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+        found = str(bindir[-1]) if bindir else shutil.which("initdb")
+        if found is None:
+            raise RuntimeError("PostgreSQL's initdb is not installed")
+        self.bindir = Path(found).parent
+        self.port = free_port()
+        self.datadir = Path(tempfile.mkdtemp(prefix="reliability-pg-"))
+        self.output = Path(f"{self.datadir}.out")
+        self.restarts = 0
+        self._as: list[str] = []
+        if os.geteuid() == 0:
+            shutil.chown(self.datadir, "postgres", "postgres")
+            self._as = ["runuser", "-u", "postgres", "--"]
+
+    @property
+    def url(self) -> str:
+        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/postgres"
+
+    def _run(self, *args: str, timeout: float = 60) -> None:
+        # Output to a file, never a pipe: a started postmaster keeps the descriptors it inherited open.
+        with open(self.output, "ab") as out:
+            subprocess.run([*self._as, *args], check=True, stdout=out, stderr=out, timeout=timeout, cwd="/")
+
+    def _pg_ctl(self, action: str, *extra: str) -> None:
+        options = f"-p {self.port} -k {self.datadir} -c listen_addresses=127.0.0.1 -c max_connections=200"
+        log = str(self.datadir / "server.log")
+        self._run(str(self.bindir / "pg_ctl"), action, "-D", str(self.datadir), "-o", options, "-l", log, "-w", *extra)
+
+    def start(self) -> PostgresServer:
+        if not (self.datadir / "PG_VERSION").exists():
+            self._run(str(self.bindir / "initdb"), "-D", str(self.datadir), "-U", "postgres", "-A", "trust")
+        self._pg_ctl("start")
+        return self
+
+    def restart(self) -> None:
+        """A fast shutdown (every connection is cut) and a start, as a failover or a maintenance restart."""
+        self._pg_ctl("restart", "-m", "fast")
+        self.restarts += 1
+
+    def stop(self) -> None:
+        with contextlib.suppress(subprocess.SubprocessError, OSError):
+            self._run(str(self.bindir / "pg_ctl"), "stop", "-D", str(self.datadir), "-m", "immediate", "-w")
+        shutil.rmtree(self.datadir, ignore_errors=True)
+        self.output.unlink(missing_ok=True)

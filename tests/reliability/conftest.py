@@ -26,15 +26,16 @@ RESULTS = Path(__file__).resolve().parents[2] / "bench-results"
 
 @pytest.fixture
 def make_world(pg_url: str, sandbox_factory: Any, tmp_path: Path) -> Iterator[Callable[..., World]]:
-    """`make_world(name, **emulator config)`: one world per test, closed (every process stopped) afterwards."""
+    """`make_world(name, database_url=None, **emulator config)`: one world per test (on a fresh schema of the
+    shared PostgreSQL unless `database_url` names another), closed (every process stopped) afterwards."""
     if shutil.which("redis-server") is None:
         service_missing("redis-server", "the binary is not installed; the suite starts its own server")
     made: list[World] = []
 
-    def make(name: str, **sandbox_config: Any) -> World:
+    def make(name: str, database_url: str | None = None, **sandbox_config: Any) -> World:
         assert not made, "one world per test"
         sandbox_config.setdefault("seed", 7)
-        world = World.create(name, tmp_path, pg_url, sandbox_factory(**sandbox_config))
+        world = World.create(name, tmp_path, database_url or pg_url, sandbox_factory(**sandbox_config))
         made.append(world)
         return world
 

@@ -90,6 +90,7 @@ class World:
     env_defaults: dict[str, str] = field(default_factory=dict)
     rng: random.Random = field(default_factory=lambda: random.Random(5))
     started_at: float = field(default_factory=time.monotonic)
+    closed: bool = False
 
     @classmethod
     def create(cls, name: str, tmp: Path, pg_url: str, sandbox: Any) -> World:
@@ -182,6 +183,10 @@ class World:
         return sending
 
     def close(self) -> None:
+        """Stop every process this world started; idempotent."""
+        if self.closed:
+            return
+        self.closed = True
         for proc in self.procs:
             proc.stop(timeout_seconds=5)
         self.gateway.close()
