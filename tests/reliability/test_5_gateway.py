@@ -97,7 +97,6 @@ def test_gateway_faults_are_flagged_and_a_revoked_key_pauses_without_spending_du
         figures["charges_answered_401"] = len(unauthorized)
         figures["paused_and_resumed"] = True
         figures["charge_outcomes"] = dict(sorted(outcomes(world.logs()).items()))
-        figures["fault_plan"] = {k: plan[: len(plan)].count(k) for k in KINDS}
         for proc in workers:
             proc.stop()
     prove(world, figures)
