@@ -211,6 +211,10 @@ class World:
         response.raise_for_status()
         return dict(response.json())
 
+    def ledger_of(self, order_prefix: str) -> list[dict[str, Any]]:
+        """The ledger's charges whose orderId starts with `order_prefix` ("inv12-a" for every try of invoice 12)."""
+        return [c for c in self.ledger()["charges"] if str(c.get("orderId") or "").startswith(order_prefix)]
+
     def stats(self) -> dict[str, Any]:
         response = requests.get(self.sandbox.base_url + "__sandbox/stats", timeout=10)
         response.raise_for_status()

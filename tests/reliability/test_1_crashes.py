@@ -66,6 +66,14 @@ def test_workers_killed_while_billing_never_charge_twice_nor_lose_a_renewal(make
             attempt_id = world.wait_for(
                 "select a.id from charge_attempts a where a.state = 'sending'", "an attempt in flight", 30
             )
+            order_id = world.wait_for(
+                "select order_id from charge_attempts where id = :id", "its orderId", id=attempt_id
+            )
+            # The worst moment: Tpaga has made the charge (it is in the ledger), its answer is on the way.
+            deadline = time.monotonic() + 10
+            while not world.ledger_of(order_id) and time.monotonic() < deadline:
+                time.sleep(0.02)
+            charged_before_the_kill = bool(world.ledger_of(order_id))
             assert attempt_id in world.kill(victim)
             survivor = world.start_worker("survivor")
             world.faults(latencyMs=0)
@@ -82,7 +90,13 @@ def test_workers_killed_while_billing_never_charge_twice_nor_lose_a_renewal(make
         with phase("no second charge"):
             time.sleep(3)  # more sweeps and reconciliations: the invoice must not be charged again
             assert world.wait_settled(30), world.counts()
-        figures["deterministic_kill_flagged"] = True
+        figures["deterministic_kill"] = {
+            "charged_at_tpaga_before_the_kill": charged_before_the_kill,
+            "flagged_unknown_after_the_lease": True,
+            "charges_at_tpaga_for_that_invoice": len(world.ledger_of(order_id)),
+        }
+        assert charged_before_the_kill
+        assert len(world.ledger_of(order_id.rsplit("-a", 1)[0] + "-a")) == 1
         survivor.stop()
         figures["charge_outcomes"] = dict(sorted(outcomes(world.logs()).items()))
     prove(world, figures)
