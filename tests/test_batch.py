@@ -396,3 +396,29 @@ def test_the_batch_task_shows_its_ids_in_logs_and_flower() -> None:
 
 def test_an_empty_batch_does_nothing(world: World) -> None:
     assert charge_invoices(world.ctx, []) == []
+
+
+def test_the_worker_settings_for_batches_come_from_the_app_and_the_environment() -> None:
+    from billing.config import ConfigError
+    from tasks.config import TaskSettings, celery_config
+
+    defaults = TaskSettings.from_env({})
+    assert (defaults.charge_batch_size, defaults.gateway_threads) == (100, 256)
+    conf = celery_config(defaults)  # what `celery -A tasks worker` runs with, no options given
+    assert (conf["worker_pool"], conf["worker_concurrency"], conf["worker_prefetch_multiplier"]) == ("threads", 32, 1)
+    tuned = TaskSettings.from_env({"BILLING_CHARGE_BATCH_SIZE": "250", "BILLING_GATEWAY_THREADS": "64"})
+    assert (tuned.charge_batch_size, tuned.gateway_threads) == (250, 64)
+    for env, variable in (
+        ({"BILLING_CHARGE_BATCH_SIZE": "1001"}, "BILLING_CHARGE_BATCH_SIZE"),
+        ({"BILLING_CHARGE_BATCH_SIZE": "0"}, "BILLING_CHARGE_BATCH_SIZE"),
+        ({"BILLING_GATEWAY_THREADS": "none"}, "BILLING_GATEWAY_THREADS"),
+    ):
+        with pytest.raises(ConfigError, match=variable):
+            TaskSettings.from_env(env)
+
+
+def test_the_batch_task_is_routed_with_the_charges() -> None:
+    import tasks
+
+    route = tasks.app.amqp.router.route({}, "billing.charge_invoices", (), {})
+    assert route["queue"].name == "billing.charges"
