@@ -336,25 +336,28 @@ def test_a_paused_billing_claims_nothing(world: World):
 def test_the_gateway_pool_hands_out_at_most_its_size_first_come_first_served() -> None:
     pool = GatewayPool(4)
     assert pool.acquire(10) == 4
-    order: list[str] = []
+    order: list[tuple[str, int]] = []
 
     def take(name: str, wanted: int) -> None:
-        pool.acquire(wanted)
-        order.append(name)
+        order.append((name, pool.acquire(wanted)))
 
-    big = threading.Thread(target=take, args=("big", 3))
+    big = threading.Thread(target=take, args=("big", 4))
     big.start()
     while not pool._queue:  # the big request is waiting in line
         threading.Event().wait(0.001)
     small = threading.Thread(target=take, args=("small", 1))
     small.start()
-    pool.release(1)  # one slot: the small request fits but must not jump the queue
+    while len(pool._queue) < 2:
+        threading.Event().wait(0.001)
+    pool.release(1)  # one free slot: enough for the small request, which must not jump the queue
     threading.Event().wait(0.05)
     assert order == []
-    pool.release(3)
+    pool.release(1)  # two: half of what the big request wants, so it starts with those two
     big.join(5)
+    assert order == [("big", 2)]
+    pool.release(2)
     small.join(5)
-    assert order == ["big", "small"]
+    assert order == [("big", 2), ("small", 1)]
     assert pool.map(lambda x: x * 2, [1, 2, 3]) == [2, 4, 6]
     pool.shutdown()
 

@@ -8,9 +8,10 @@ Crash semantics are the single path's: attempts are claimed `pending` (a worker 
 `sending` leaves attempts that reconciliation turns `not_sent` and reschedules), then marked `sending` with a
 lease in one transaction just before the requests leave; a worker lost after that leaves them `sending`, the
 lease expires and reconciliation flags them `unknown` for review. To keep that window small, a batch takes
-its share of the process's gateway slots BEFORE claiming: what it claims goes out at once instead of waiting
-behind other batches, so a crash can only strand attempts that really were (about to be) in flight. A request
-that still had to wait longer than half the lease is not sent at all and is recorded `not_sent` (retried).
+its share of the process's gateway slots (BILLING_GATEWAY_THREADS) BEFORE claiming: what it claims goes out at
+once, or after at most about one gateway latency, instead of waiting behind other batches, so a crash strands
+little more than the attempts that really were in flight. A request that still had to wait longer than half
+the lease is not sent at all and is recorded `not_sent` (retried).
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ MAX_BATCH = 1000
 
 class GatewayPool:
     """Bounded concurrency for gateway calls in one process: a thread pool, and slots handed out first come,
-    first served (a batch waiting for many slots is not overtaken by later, smaller ones)."""
+    first served (a batch waiting for slots is not overtaken by later, smaller ones)."""
 
     def __init__(self, threads: int = DEFAULT_GATEWAY_THREADS) -> None:
         if threads < 1:
@@ -56,17 +57,22 @@ class GatewayPool:
         self._queue: deque[object] = deque()
 
     def acquire(self, wanted: int) -> int:
-        """Block until min(wanted, size) slots are free and this caller is first in line; returns how many."""
+        """Block until this caller is first in line and at least half of min(wanted, size) slots are free; take
+        up to min(wanted, size) and return how many. (Waiting for every slot a batch wants would leave slots
+        idle whenever the pool's size is not a multiple of the batch size; a batch that starts with fewer slots
+        than calls queues the rest on the pool's threads, about one gateway latency.)"""
         wanted = max(1, min(wanted, self.size))
+        enough = max(1, wanted // 2)
         ticket = object()
         with self._cond:
             self._queue.append(ticket)
-            while self._queue[0] is not ticket or self._free < wanted:
+            while self._queue[0] is not ticket or self._free < enough:
                 self._cond.wait()
             self._queue.popleft()
-            self._free -= wanted
+            granted = min(wanted, self._free)
+            self._free -= granted
             self._cond.notify_all()
-        return wanted
+        return granted
 
     def release(self, count: int) -> None:
         if count <= 0:
