@@ -425,3 +425,91 @@ def test_the_batch_task_is_routed_with_the_charges() -> None:
 
     route = tasks.app.amqp.router.route({}, "billing.charge_invoices", (), {})
     assert route["queue"].name == "billing.charges"
+
+
+def test_after_a_401_the_batch_sends_nothing_more_and_pauses_billing(world: World):
+    # Given five due invoices and a gateway that has revoked our key
+    for _ in range(5):
+        world.subscriber()
+    ids = _open(world)
+    world.gateway.authorized = False
+    # When they are charged in one batch, one call at a time
+    pool = GatewayPool(1)
+    outcomes = charge_invoices(world.ctx, ids, pool=pool)
+    pool.shutdown()
+    # Then only the first request went out; every invoice waits for billing to resume, nothing was spent
+    assert world.gateway.calls["charge"] == 1
+    assert [o.outcome for o in outcomes] == ["paused"] * 5
+    assert {a.state for i in ids for a in world.attempts(i)} == {"not_sent"}
+    assert {_invoice(world, i).state for i in ids} == {"open"}
+    assert all(_invoice(world, i).due_at is not None for i in ids)
+    assert world.status()["paused"]
+
+
+def test_after_a_merchant_decline_the_batch_sends_nothing_more(world: World):
+    world.subscriber(script=["03"])  # 03: invalid merchant, our misconfiguration
+    for _ in range(3):
+        world.subscriber()
+    ids = _open(world)
+    pool = GatewayPool(1)
+    outcomes = charge_invoices(world.ctx, ids, pool=pool)
+    pool.shutdown()
+    assert world.gateway.calls["charge"] == 1
+    assert [o.outcome for o in outcomes] == ["declined", "paused", "paused", "paused"]
+    from billing.db import control
+
+    with world.ctx.sessions() as s:
+        assert control.get_pause(s)["error_code"] == "03"  # the decline's pause, not a held-back call's
+
+
+class CountingSending(FakeGateway):
+    """Notes, at every charge, how many attempts are `sending` in the database."""
+
+    sending_seen: list[int]
+    ctx: Any = None
+
+    def charge(self, **kw: Any) -> Any:
+        with self.ctx.sessions() as s:
+            self.sending_seen.append(
+                s.execute(select(func.count()).where(ChargeAttempt.state == "sending")).scalar_one()
+            )
+        return super().charge(**kw)
+
+
+def test_a_batch_marks_sending_only_what_its_slots_are_calling_for(sqlite_url: str):
+    world = make_world(sqlite_url)
+    world.gateway = CountingSending()
+    world.gateway.sending_seen = []
+    world.gateway.ctx = world.ctx
+    world.ctx.gateway = world.gateway
+    for _ in range(7):
+        world.subscriber()
+    ids = _open(world)
+    pool = GatewayPool(2)
+    assert [o.outcome for o in charge_invoices(world.ctx, ids, pool=pool)] == ["approved"] * 7
+    pool.shutdown()
+    # waves of two, each recorded before the next is marked: never more than one wave `sending`, the others
+    # `pending` (a crash would leave those to be retried, not reviewed)
+    assert world.gateway.sending_seen == [2, 2, 2, 2, 2, 2, 1]
+
+
+def test_when_the_batch_transaction_fails_each_outcome_is_recorded_on_its_own(world: World, monkeypatch: Any):
+    for _ in range(4):
+        world.subscriber()
+    ids = _open(world)
+    real = charging._record_approved
+    poisoned = {ids[2]}
+
+    def record_approved(session: Any, now: Any, items: list[Any]) -> Any:
+        if any(item.claim.invoice_id in poisoned for item in items):
+            raise ValueError("a row this code cannot write")
+        return real(session, now, items)
+
+    monkeypatch.setattr(charging, "_record_approved", record_approved)
+    outcomes = charge_invoices(world.ctx, ids)
+    # the three others are recorded; the poisoned one stays `sending` for reconciliation to flag
+    assert [o.outcome for o in outcomes] == ["approved", "approved", "unrecorded", "approved"]
+    assert [_invoice(world, i).state for i in ids] == ["paid", "paid", "open", "paid"]
+    assert world.attempts(ids[2])[0].state == "sending"
+    world.advance(minutes=6)
+    assert expire_stuck_attempts(world.ctx) == {"not_sent": 0, "unknown": 1}

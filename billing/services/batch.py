@@ -7,11 +7,13 @@ bounded thread pool (each pool thread keeps its own keep-alive HTTP session in t
 Crash semantics are the single path's: attempts are claimed `pending` (a worker lost before marking them
 `sending` leaves attempts that reconciliation turns `not_sent` and reschedules), then marked `sending` with a
 lease in one transaction just before the requests leave; a worker lost after that leaves them `sending`, the
-lease expires and reconciliation flags them `unknown` for review. To keep that window small, a batch takes
-its share of the process's gateway slots (BILLING_GATEWAY_THREADS) BEFORE claiming: what it claims goes out at
-once, or after at most about one gateway latency, instead of waiting behind other batches, so a crash strands
-little more than the attempts that really were in flight. A request that still had to wait longer than half
-the lease is not sent at all and is recorded `not_sent` (retried).
+lease expires and reconciliation flags them `unknown` for review. To keep that set to what really is in
+flight, a batch takes its share of the process's gateway slots (BILLING_GATEWAY_THREADS) BEFORE claiming, and
+marks, sends and records in waves of the slots it holds (one wave, unless the pool was short: a batch starts
+with at least half the slots it wants). A request that would leave later than half the lease is not sent
+(`not_sent`, retried). After an answer that pauses billing (401, merchant-class decline) the batch sends
+nothing more. If a batch's record transaction fails for a reason other than the database being unreachable,
+its outcomes are recorded one transaction each (see `charging.record_outcomes`).
 """
 
 from __future__ import annotations
@@ -24,10 +26,12 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import TypeVar
 
-from billing.gateway.errors import NotSentError
+from billing.domain.declines import DeclineClass
+from billing.gateway import errors as gw
 from billing.services.charging import (
     ChargeOutcome,
     Claim,
+    HeldBack,
     Sent,
     call_gateway,
     claim_invoices,
@@ -117,25 +121,74 @@ def charge_invoices(
             give_back = held[0] - min(held[0], len(claims))
             gateway_pool.release(give_back)
             held[0] -= give_back
-            sending, lost = mark_sending(ctx, claims)
-            sent = gateway_pool.map(_sender(ctx), sending) if sending else []
-        recorded = record_outcomes(ctx, sent)
+            done, last_wave = _send_in_waves(ctx, gateway_pool, claims, max(1, held[0]))
+        done.extend(record_outcomes(ctx, last_wave))  # the slots are free for other batches meanwhile
     finally:
         if own:
             gateway_pool.shutdown()
-    for outcome in (*lost, *recorded):
+    for outcome in done:
         outcomes[outcome.invoice_id] = outcome
     return [outcomes[i] for i in ids]
 
 
-def _sender(ctx: Context) -> Callable[[Claim], Sent]:
+class _Stop:
+    """Set by the first answer of a batch that pauses billing: the batch sends nothing more."""
+
+    reason: str | None = None
+
+
+def _send_in_waves(
+    ctx: Context, pool: GatewayPool, claims: Sequence[Claim], width: int
+) -> tuple[list[ChargeOutcome], list[Sent]]:
+    """Mark `sending`, send and record, `width` attempts at a time (the slots this batch holds; usually the
+    whole batch): an attempt is marked `sending` only when a thread is about to call for it, and its answer is
+    recorded with its wave's, so the others wait `pending` (a crash leaves them to be retried, not reviewed).
+    After a 401 or a merchant-class decline, nothing more is marked or sent: every other request would meet
+    the same answer, and a gateway may lock a merchant that keeps trying.
+
+    Returns the outcomes recorded so far and the last wave's answers, which the caller records."""
+    stop = _Stop()
+    done: list[ChargeOutcome] = []
+    wave_sent: list[Sent] = []
+    for start in range(0, len(claims), width):
+        done.extend(record_outcomes(ctx, wave_sent))
+        wave = claims[start : start + width]
+        if stop.reason is not None:
+            wave_sent = [Sent(c, error=_held_back(stop.reason)) for c in wave]
+            continue
+        sending, lost = mark_sending(ctx, wave)
+        done.extend(lost)
+        wave_sent = pool.map(_sender(ctx, stop), sending) if sending else []
+    return done, wave_sent
+
+
+def _held_back(pause: str) -> HeldBack:
+    return HeldBack(f"not sent: an earlier answer of the batch paused billing ({pause})", pause=pause)
+
+
+def _sender(ctx: Context, stop: _Stop) -> Callable[[Claim], Sent]:
     guard_seconds = ctx.sending_lease.total_seconds() / 2
     marked_at = time.monotonic()
 
     def send(claim: Claim) -> Sent:
+        if stop.reason is not None:
+            return Sent(claim, error=_held_back(stop.reason))
         if time.monotonic() - marked_at > guard_seconds:
             # Sent this late, the answer could arrive after reconciliation has given the attempt up.
-            return Sent(claim, error=NotSentError("held too long before sending; not sent", operation="charge"))
-        return call_gateway(ctx, claim)
+            return Sent(claim, error=HeldBack("held too long before sending; not sent"))
+        result = call_gateway(ctx, claim)
+        reason = _pause_reason(result.error)
+        if reason is not None:
+            stop.reason = reason
+        return result
 
     return send
+
+
+def _pause_reason(error: BaseException | None) -> str | None:
+    """The pause an answer causes (as the single path records it), if any."""
+    if isinstance(error, gw.UnauthorizedError):
+        return "unauthorized"
+    if isinstance(error, gw.DeclinedError) and error.decline_class == DeclineClass.MERCHANT:
+        return "merchant_decline"
+    return None

@@ -9,8 +9,8 @@ one. Per invoice, in order:
    then write its attempt `pending` with a deterministic orderId;
 2. mark `sending` with a lease (one transaction), just before the requests leave;
 3. POST the charge (never retried once it may have left);
-4. record the outcome (one transaction for the whole batch): approved | declined (+ dunning) | unknown
-   (-> review) | not_sent, each a compare-and-set on the attempt's state.
+4. record the outcome (one transaction for the batch, or per wave: see `batch`): approved | declined
+   (+ dunning) | unknown (-> review) | not_sent, each a compare-and-set on the attempt's state.
 
 The partial unique indexes on charge_attempts make "two approved attempts" and "two attempts in flight" for
 one invoice impossible in the database, whatever the broker delivers twice.
@@ -88,6 +88,16 @@ class Claim:
 
 
 _Claim = Claim  # the name tests and older callers know
+
+
+class HeldBack(gw.NotSentError):
+    """Raised in place of a call the batch decided not to make: provably not sent. `pause` is the reason billing
+    was paused by another call of the batch (its invoice is due again as soon as billing resumes), or None
+    (retried after the usual not-sent backoff)."""
+
+    def __init__(self, message: str, *, pause: str | None = None) -> None:
+        super().__init__(message, operation="charge")
+        self.pause = pause
 
 
 @dataclass(frozen=True)
@@ -461,10 +471,40 @@ def call_gateway(ctx: Context, claim: Claim) -> Sent:
 
 
 def record_outcomes(ctx: Context, sent: Sequence[Sent]) -> list[ChargeOutcome]:
-    """Last commit: every outcome in one transaction, retried through database blips (the calls are made)."""
+    """Last commit: every outcome in one transaction, retried through database blips (the calls are made).
+
+    If that transaction fails for another reason (a constraint, a bug), each outcome is recorded in its own
+    transaction, so that one bad row does not send every charge of the batch to the review queue; an outcome
+    that still cannot be recorded is `unrecorded` (its attempt stays `sending`, and reconciliation flags it).
+    """
     if not sent:
         return []
-    return _with_db_retry(_record_all, ctx, sent)
+    try:
+        return _with_db_retry(_record_all, ctx, sent)
+    except OperationalError:
+        raise  # the database is unreachable: one transaction per outcome would fail the same way
+    except Exception as exc:
+        if len(sent) == 1:
+            raise
+        log.error(
+            "recording %d outcomes in one transaction failed (%s); recording them one by one",
+            len(sent),
+            type(exc).__name__,
+        )
+    outcomes = []
+    for item in sent:
+        try:
+            outcomes.extend(_with_db_retry(_record_all, ctx, [item]))
+        except OperationalError:
+            raise
+        except Exception as exc:
+            log.error(
+                "ALERT recording attempt %s failed (%s): it stays sending until reconciliation",
+                item.claim.attempt_id,
+                type(exc).__name__,
+            )
+            outcomes.append(ChargeOutcome(item.claim.invoice_id, "unrecorded", item.claim.attempt_id))
+    return outcomes
 
 
 def _record_all(ctx: Context, sent: Sequence[Sent]) -> list[ChargeOutcome]:
@@ -478,12 +518,23 @@ def record_in(ctx: Context, session: Session, now: datetime, sent: Sequence[Sent
     approved: list[Sent] = []
     declined: list[Sent] = []
     outcomes: dict[int, ChargeOutcome] = {}
+    others: list[Sent] = []
     for item in sent:
-        exc, claim = item.error, item.claim
-        if exc is None:
+        if item.error is None:
             approved.append(item)
-        elif isinstance(exc, gw.DeclinedError):
+        elif isinstance(item.error, gw.DeclinedError):
             declined.append(item)
+        else:
+            others.append(item)
+    # Declines first: a merchant-class decline records its pause (with its errorCode) before the calls the
+    # batch held back because of it record theirs.
+    outcomes.update(_record_approved(session, now, approved))
+    outcomes.update(_record_declines(ctx, session, now, declined))
+    for item in others:
+        exc, claim = item.error, item.claim
+        assert exc is not None
+        if isinstance(exc, HeldBack):
+            outcomes[claim.attempt_id] = _record_not_sent(ctx, session, now, claim, exc, exc.pause)
         elif isinstance(exc, gw.NotSentError):
             outcomes[claim.attempt_id] = _record_not_sent(ctx, session, now, claim, exc, None)
         elif isinstance(exc, gw.UnauthorizedError):
@@ -493,8 +544,6 @@ def record_in(ctx: Context, session: Session, now: datetime, sent: Sequence[Sent
             outcomes[claim.attempt_id] = _record_rejected(session, now, claim, exc)
         else:  # OutcomeUnknownError and anything unexpected: may have charged
             outcomes[claim.attempt_id] = _record_unknown(session, now, claim, exc)
-    outcomes.update(_record_approved(session, now, approved))
-    outcomes.update(_record_declines(ctx, session, now, declined))
     return [outcomes[item.claim.attempt_id] for item in sent]
 
 
@@ -714,13 +763,14 @@ def apply_declines(
 def _record_not_sent(
     ctx: Context, session: Session, now: datetime, claim: Claim, exc: Exception, pause: str | None
 ) -> ChargeOutcome:
-    """The request never reached Tpaga (or Tpaga refused our credentials): no charge, no attempt spent."""
+    """The request never reached Tpaga (or Tpaga refused our credentials): no charge, no attempt spent. The
+    attempt may still be `pending` when the batch held the call back before marking it sending."""
     invoice_id, attempt_id = claim.invoice_id, claim.attempt_id
     _cas(
         session,
         ChargeAttempt,
         attempt_id,
-        IN_FLIGHT,
+        (AttemptState.PENDING, *IN_FLIGHT),
         state=AttemptState.NOT_SENT,
         http_status=getattr(exc, "http_status", None),
         error_message=type(exc).__name__,
