@@ -406,7 +406,7 @@ def test_the_worker_settings_for_batches_come_from_the_app_and_the_environment()
     from tasks.config import TaskSettings, celery_config
 
     defaults = TaskSettings.from_env({})
-    assert (defaults.charge_batch_size, defaults.gateway_threads) == (100, 256)
+    assert (defaults.charge_batch_size, defaults.gateway_threads) == (100, 300)
     conf = celery_config(defaults)  # what `celery -A tasks worker` runs with, no options given
     assert (conf["worker_pool"], conf["worker_concurrency"], conf["worker_prefetch_multiplier"]) == ("threads", 32, 1)
     tuned = TaskSettings.from_env({"BILLING_CHARGE_BATCH_SIZE": "250", "BILLING_GATEWAY_THREADS": "64"})
