@@ -1,8 +1,8 @@
 """End-to-end billing benchmark: billed charges per second on this machine, with real processes.
 
-    .venv/bin/python benchmarks/billing_bench.py                    # defaults: well under 15 minutes
-    .venv/bin/python benchmarks/billing_bench.py --subscriptions 20000 --runs 5
-    .venv/bin/python benchmarks/billing_bench.py --full             # 20,000 per run, 5 runs, 100,000-charge memory
+    .venv/bin/python benchmarks/billing_bench.py                    # 20,000 charges per run, 3 runs per scenario
+    .venv/bin/python benchmarks/billing_bench.py --full             # 100,000 charges per run
+    .venv/bin/python benchmarks/billing_bench.py --subscriptions 5000 --runs 1   # a quick look
     .venv/bin/python benchmarks/billing_bench.py --only noop,naive  # a subset of the sections
 
 Everything runs on this machine, with every safety setting of the product on: PostgreSQL (a fresh
@@ -360,6 +360,7 @@ class Stack:
     emulator: Emulator
     logs: Path
     extra_env: dict[str, str] = field(default_factory=dict)
+    worker_args: list[str] = field(default_factory=list)
     workers: list[CeleryProcess] = field(default_factory=list)
     beat: CeleryProcess | None = None
 
@@ -381,6 +382,7 @@ class Stack:
         for n in range(workers):
             # No --pool, --concurrency or --prefetch: the app's own settings are what is measured.
             args = ["worker", "--loglevel", "INFO", "-n", f"bench{n}-{tag}@%h", "--without-mingle", "--without-gossip"]
+            args += self.worker_args
             self.workers.append(CeleryProcess(args, env, self.logs / f"worker-{tag}-{n}.log").start())
         for proc in self.workers:
             proc.wait_for_log(r"ready\.", 60)
@@ -578,6 +580,17 @@ def e2e_section(
             if end:
                 memory["growth_from_warmup_percent"] = round(100 * (end / memory["rss_mb_after_warmup"] - 1), 1)
                 memory["growth_from_ready_percent"] = round(100 * (end / memory["pid_rss_mb_at_ready"] - 1), 1)
+            # The issue's yardstick: 100,000 charges, counted from ready and counted from the end of the warm-up.
+            for key, base, since in (
+                ("from_ready", memory["pid_rss_mb_at_ready"], 0),
+                ("from_warmup", memory.get("rss_mb_after_warmup"), memory.get("charges_in_warmup", 0)),
+            ):
+                sample = next((x for x in memory["samples"] if x["charges"] - since >= 100_000), None)
+                if sample and base:
+                    memory[f"after_100k_{key}"] = {
+                        **sample,
+                        "growth_percent": round(100 * (sample["rss_mb"] / base - 1), 1),
+                    }
             results["memory"] = memory
 
 
@@ -990,7 +1003,7 @@ def scan_one(url: str, dialect: str) -> dict[str, Any]:
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--subscriptions", type=int, default=10_000, help="charges per end-to-end run")
+    parser.add_argument("--subscriptions", type=int, default=20_000, help="charges per end-to-end run")
     parser.add_argument("--runs", type=int, default=3, help="runs per scenario (the median is reported)")
     parser.add_argument("--latencies", default="0,50,300", help="emulator latencies in ms")
     parser.add_argument("--workers", default="1,2", help="worker process counts")
@@ -1000,12 +1013,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--single-charges", type=int, default=2_000, help="charges in the one-task-per-charge run")
     parser.add_argument("--naive-seconds", type=float, default=5.0)
     parser.add_argument("--only", default=",".join(SECTIONS), help=f"sections to run, of {','.join(SECTIONS)}")
-    parser.add_argument("--full", action="store_true", help="20,000 per run, 5 runs, >= 100,000 charges for memory")
+    parser.add_argument("--full", action="store_true", help="100,000 charges per end-to-end run")
     parser.add_argument("--out", default=str(ROOT / "bench-results"))
     args = parser.parse_args()
     if args.full:
-        args.subscriptions = max(args.subscriptions, 20_000)
-        args.runs = max(args.runs, 5)
+        args.subscriptions = max(args.subscriptions, 100_000)
     args.latencies = [int(v) for v in args.latencies.split(",") if v.strip()]
     args.workers = [int(v) for v in args.workers.split(",") if v.strip()]
     args.only = {v.strip() for v in args.only.split(",") if v.strip()}
@@ -1078,6 +1090,13 @@ def print_summary(results: dict[str, Any]) -> None:
             f" {m.get('growth_from_warmup_percent')} % since warm-up,"
             f" {m.get('growth_from_ready_percent')} % since ready"
         )
+        for key in ("from_ready", "from_warmup"):
+            if f"after_100k_{key}" in m:
+                x = m[f"after_100k_{key}"]
+                print(
+                    f"worker RSS 100,000 charges {key.replace('_', ' ')}: {x['rss_mb']} MB after {x['charges']}"
+                    f" charges, {x['growth_percent']:+} %"
+                )
     for key, r in results.get("ratios", {}).items():
         print(f"ratio {key}: {r}")
 

@@ -6,7 +6,7 @@ import os
 from collections.abc import Callable
 from typing import Any, cast
 
-from celery import Celery, Task
+from celery import Celery, Task, signals
 
 from billing.config import Settings
 from tasks import logs, monitor, resilience
@@ -34,3 +34,20 @@ resilience.install()
 def task(name: str, **options: Any) -> Callable[[Callable[..., Any]], Task]:
     """`app.task` with an explicit, stable name and the BillingTask base (typed for mypy: the result is a Task)."""
     return cast(Callable[[Callable[..., Any]], Task], app.task(name=name, base=BillingTask, **options))
+
+
+def _warm_up_worker(sender: Any = None, **_: Any) -> None:
+    """A threads (or solo) worker warms up before it logs "ready." (prefork warms up in each child instead:
+    threads and connections made here would not survive the fork)."""
+    from celery.concurrency.prefork import TaskPool as PreforkPool
+
+    if not isinstance(getattr(sender, "pool", None), PreforkPool):
+        runtime.warm_up()
+
+
+def _warm_up_pool_process(**_: Any) -> None:
+    runtime.warm_up()
+
+
+signals.worker_ready.connect(_warm_up_worker, weak=False)
+signals.worker_process_init.connect(_warm_up_pool_process, weak=False)

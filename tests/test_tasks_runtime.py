@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from sqlalchemy import event
+from sqlalchemy.exc import OperationalError
 
 import tasks
+from billing.bootstrap import build_context
+from billing.config import Settings
+from billing.services.batch import GatewayPool
 from tasks import wiring as wiring_module
 from tasks.config import TaskSettings
 from tasks.wiring import CeleryPublisher, Runtime
@@ -81,3 +87,48 @@ def test_the_outbox_publisher_sends_each_intent_to_its_queue(name: str, queue: s
     app = RecordingApp()
     CeleryPublisher(app).publish(name, {"invoice_id": 1})  # type: ignore[arg-type]
     assert app.calls == [(name, {"kwargs": {"invoice_id": 1}, "queue": queue})]
+
+
+def test_a_gateway_pool_can_start_all_its_threads_up_front_and_only_once() -> None:
+    pool = GatewayPool(12)
+    try:
+        assert pool.thread_count() == 0  # ThreadPoolExecutor starts threads lazily
+        pool.prestart()
+        assert pool.thread_count() == 12
+        pool.prestart()
+        assert pool.thread_count() == 12
+        # and it still works, on the same threads
+        assert pool.map(lambda n: n * 2, list(range(50))) == [n * 2 for n in range(50)]
+        assert pool.thread_count() == 12
+    finally:
+        pool.shutdown()
+
+
+def test_warm_up_connects_to_the_database_and_starts_the_gateway_threads(sqlite_url: str) -> None:
+    from billing.db import migrate
+    from billing.db.engine import make_engine
+    from tests.fakes import FakeGateway
+
+    migrate.upgrade(sqlite_url)
+    engine = make_engine(sqlite_url)
+    connects: list[int] = []
+    event.listen(engine, "connect", lambda *_: connects.append(1))
+    runtime = Runtime(tasks.app, TaskSettings(gateway_threads=5))
+    runtime.use_factory(lambda: build_context(Settings(database_url=sqlite_url), engine=engine, gateway=FakeGateway()))
+    runtime.warm_up()
+    assert connects == [1]
+    assert runtime.gateway_pool().thread_count() == 5
+    runtime.gateway_pool().shutdown()
+
+
+def test_warm_up_with_the_database_down_still_starts_and_says_why(caplog: pytest.LogCaptureFixture) -> None:
+    def unreachable() -> Any:
+        raise OperationalError("SELECT 1", {}, ConnectionRefusedError("connection refused"))
+
+    runtime = Runtime(tasks.app, TaskSettings(gateway_threads=3))
+    runtime.use_factory(unreachable)
+    with caplog.at_level(logging.WARNING, logger="billing.tasks"):
+        runtime.warm_up()  # does not raise: the first task connects (and retries) as usual
+    assert "warm start: no database connection yet (OperationalError)" in caplog.text
+    assert runtime.gateway_pool().thread_count() == 3
+    runtime.gateway_pool().shutdown()

@@ -203,9 +203,7 @@ class ChargeAttempt(Base):
     __tablename__ = "charge_attempts"
     __table_args__ = (
         UniqueConstraint("invoice_id", "attempt_number", name="uq_charge_attempts_invoice_number"),
-        CheckConstraint(
-            "state in ('pending', 'sending', 'approved', 'declined', 'unknown', 'not_sent')", name="state"
-        ),
+        CheckConstraint("state in ('pending', 'sending', 'approved', 'declined', 'unknown', 'not_sent')", name="state"),
         # Invariant 1 in the database: at most one approved attempt per invoice...
         Index(
             "uq_charge_attempts_one_approved",
@@ -263,9 +261,7 @@ class Refund(Base):
     __tablename__ = "refunds"
     __table_args__ = (
         UniqueConstraint("charge_attempt_id", name="uq_refunds_charge_attempt"),
-        CheckConstraint(
-            "state in ('requested', 'sending', 'voided', 'rejected', 'expired', 'unknown')", name="state"
-        ),
+        CheckConstraint("state in ('requested', 'sending', 'voided', 'rejected', 'expired', 'unknown')", name="state"),
         Index(
             "ix_refunds_due",
             "deadline_at",
