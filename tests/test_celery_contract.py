@@ -26,7 +26,6 @@ from billing.gateway import TpagaClient
 from billing.sandbox import DEFAULT_PRIVATE_KEY, DEFAULT_PUBLIC_KEY
 from billing.services import catalog, invoicing
 from billing.services.context import Context
-from tasks.config import TaskSettings
 from tasks.testing import CeleryProcess, private_redis_db, process_env, worker
 
 pytestmark = [pytest.mark.celery, pytest.mark.postgres, pytest.mark.redis, pytest.mark.slow]
@@ -126,12 +125,7 @@ def test_every_public_task_sent_by_name_from_another_app(
     )
     with worker(env, tmp_path / "worker.log") as proc:
         proc.wait_for_log(r"ready\.")
-        # (A worker warms up before it says ready: its database connection works and every gateway thread has
-        # started, so its memory at ready is its working size.)
-        assert proc.proc is not None
-        status = Path(f"/proc/{proc.proc.pid}/status").read_text()
-        threads = int(next(line.split()[1] for line in status.splitlines() if line.startswith("Threads:")))
-        assert threads > TaskSettings().gateway_threads
+        # (A worker checks its database connection before it says ready: nothing to warn about here.)
         assert "warm start" not in proc.log_text()
 
         # When another app sends the public tasks by name, with good and bad arguments

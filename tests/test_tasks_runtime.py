@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -14,9 +15,9 @@ from sqlalchemy.exc import OperationalError
 import tasks
 from billing.bootstrap import build_context
 from billing.config import Settings
-from billing.services.batch import GatewayPool
 from tasks import wiring as wiring_module
 from tasks.config import TaskSettings
+from tasks.testing import CeleryProcess, process_env
 from tasks.wiring import CeleryPublisher, Runtime
 
 
@@ -89,22 +90,7 @@ def test_the_outbox_publisher_sends_each_intent_to_its_queue(name: str, queue: s
     assert app.calls == [(name, {"kwargs": {"invoice_id": 1}, "queue": queue})]
 
 
-def test_a_gateway_pool_can_start_all_its_threads_up_front_and_only_once() -> None:
-    pool = GatewayPool(12)
-    try:
-        assert pool.thread_count() == 0  # ThreadPoolExecutor starts threads lazily
-        pool.prestart()
-        assert pool.thread_count() == 12
-        pool.prestart()
-        assert pool.thread_count() == 12
-        # and it still works, on the same threads
-        assert pool.map(lambda n: n * 2, list(range(50))) == [n * 2 for n in range(50)]
-        assert pool.thread_count() == 12
-    finally:
-        pool.shutdown()
-
-
-def test_warm_up_connects_to_the_database_and_starts_the_gateway_threads(sqlite_url: str) -> None:
+def test_warm_up_connects_to_the_database_once(sqlite_url: str) -> None:
     from billing.db import migrate
     from billing.db.engine import make_engine
     from tests.fakes import FakeGateway
@@ -113,22 +99,43 @@ def test_warm_up_connects_to_the_database_and_starts_the_gateway_threads(sqlite_
     engine = make_engine(sqlite_url)
     connects: list[int] = []
     event.listen(engine, "connect", lambda *_: connects.append(1))
-    runtime = Runtime(tasks.app, TaskSettings(gateway_threads=5))
+    runtime = Runtime(tasks.app, TaskSettings())
     runtime.use_factory(lambda: build_context(Settings(database_url=sqlite_url), engine=engine, gateway=FakeGateway()))
     runtime.warm_up()
     assert connects == [1]
-    assert runtime.gateway_pool().thread_count() == 5
-    runtime.gateway_pool().shutdown()
 
 
 def test_warm_up_with_the_database_down_still_starts_and_says_why(caplog: pytest.LogCaptureFixture) -> None:
     def unreachable() -> Any:
         raise OperationalError("SELECT 1", {}, ConnectionRefusedError("connection refused"))
 
-    runtime = Runtime(tasks.app, TaskSettings(gateway_threads=3))
+    runtime = Runtime(tasks.app, TaskSettings())
     runtime.use_factory(unreachable)
     with caplog.at_level(logging.WARNING, logger="billing.tasks"):
         runtime.warm_up()  # does not raise: the first task connects (and retries) as usual
     assert "warm start: no database connection yet (OperationalError)" in caplog.text
-    assert runtime.gateway_pool().thread_count() == 3
-    runtime.gateway_pool().shutdown()
+
+
+@pytest.mark.parametrize("pool", ["threads", "prefork"])
+def test_a_real_worker_checks_its_database_before_it_says_ready_and_starts_anyway_when_it_is_down(
+    tmp_path: Path, pool: str
+) -> None:
+    # Given a worker (embedded broker, no server needed) whose database does not answer
+    env = process_env(
+        {
+            "DATABASE_URL": "postgresql://billing@127.0.0.1:9/billing",  # the discard port: refused
+            "CELERY_BROKER_URL": f"sqla+sqlite:///{tmp_path}/broker.db",
+            "TPAGA_PRIVATE_KEY": "pk_test",
+            "TPAGA_PUBLIC_KEY": "pub_test",
+            "BILLING_WORKER_POOL": pool,
+        }
+    )
+    args = ["worker", "--loglevel", "INFO", "--concurrency", "1", "--without-mingle", "--without-gossip"]
+    with CeleryProcess(args, env, tmp_path / "worker.log") as proc:  # no --pool: the app's (the environment's)
+        # Then it says why (once per process that will run tasks) and still starts
+        proc.wait_for_log(r"ready\.", 60)
+        where = proc.wait_for_log(r"/(\w+)-?\d*\] warm start: no database connection yet \(OperationalError\)", 30)
+        # (prefork: in the pool's child, whose connections are its own; not in the parent before the fork)
+        assert where.group(1) == ("ForkPoolWorker" if pool == "prefork" else "MainProcess")
+        assert f"({'prefork' if pool == 'prefork' else 'thread'})" in proc.log_text()  # the pool asked for
+        assert "Traceback" not in proc.log_text()

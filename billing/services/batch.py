@@ -59,28 +59,6 @@ class GatewayPool:
         self._cond = threading.Condition()
         self._free = threads
         self._queue: deque[object] = deque()
-        self._started = False
-
-    def prestart(self, timeout_seconds: float = 30.0) -> None:
-        """Start every thread now. ThreadPoolExecutor starts them one at a time, only when no thread is idle,
-        so a pool otherwise keeps growing (and the process with it) for as long as load keeps finding a new
-        peak; started up front, the process is at its working size from the start and billing day's first
-        batch does not pay for thread start-up. Idempotent."""
-        with self._cond:
-            if self._started:
-                return
-            self._started = True
-        # Each submitted call blocks until all have started, so no thread is ever idle and each submit starts
-        # a new one: exactly `size` threads.
-        barrier = threading.Barrier(self.size + 1, timeout=timeout_seconds)
-        futures = [self._executor.submit(barrier.wait) for _ in range(self.size)]
-        barrier.wait()
-        for future in futures:
-            future.result()
-
-    def thread_count(self) -> int:
-        """Threads started so far (observability and tests)."""
-        return len(self._executor._threads)
 
     def acquire(self, wanted: int) -> int:
         """Block until this caller is first in line and at least half of min(wanted, size) slots are free; take
