@@ -63,9 +63,8 @@ def main() -> int:
                 n = len(list(probes.glob("*.json")))
                 os.kill(pid, signal.SIGUSR2)
                 path = probes / f"{n}.json"
-                while not path.exists():
+                while not path.exists():  # memprobe renames it into place once written
                     time.sleep(0.1)
-                time.sleep(0.5)  # written in one go, but let the write finish
                 report = json.loads(path.read_text())
                 with admin.connect() as conn:
                     report["db_connections"] = conn.execute(

@@ -75,10 +75,13 @@ def _dump(signum: int, frame: FrameType | None) -> None:
         "allocated_blocks": sys.getallocatedblocks(),
         "rss_kb_after_malloc_trim": _rss_kb(),
         "threads": threading.active_count(),
-        "objects": len(gc.get_objects()),
+        "objects": sum(types.values()),
         "types": dict(types.most_common(60)),
     }
-    (Path(DIRECTORY) / f"{n}.json").write_text(json.dumps(report))
+    # Written aside and renamed: whoever waits for <n>.json never reads half a file.
+    partial = Path(DIRECTORY) / f"{n}.json.partial"
+    partial.write_text(json.dumps(report))
+    partial.replace(Path(DIRECTORY) / f"{n}.json")
 
 
 if DIRECTORY:
