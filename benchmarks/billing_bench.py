@@ -597,7 +597,8 @@ def e2e_section(
 # Where a worker's time goes: each sampled stack (py-spy --gil: only the thread holding the GIL, i.e. Python
 # doing work) counts for the first category whose function it contains.
 PROFILE_CATEGORIES = (
-    ("HTTP call to the gateway (requests, urllib3, http.client)", ("call_gateway",)),
+    ("HTTP call to the gateway (the charge coroutines: aiohttp request, answer, mapping)", ("call_gateway",)),
+    ("event loop (aiohttp reading and parsing answers, asyncio scheduling)", ("_run_once",)),
     ("open invoices (beat's task)", ("open_due_invoices",)),
     ("claim (transaction 1)", ("claim_invoices",)),
     ("mark sending (transaction 2)", ("mark_sending",)),

@@ -90,6 +90,14 @@ MAX_CHARGE_BATCH = 1000
 REDIS_SCHEMES = ("redis://", "rediss://", "redis+socket://", "sentinel://")
 
 
+def _gateway_concurrency_variable(env: Mapping[str, str]) -> str:
+    """BILLING_GATEWAY_CONCURRENCY; BILLING_GATEWAY_THREADS, its name before the calls moved from threads to an
+    event loop, is still read when the new name is not set."""
+    if env.get("BILLING_GATEWAY_CONCURRENCY") or not env.get("BILLING_GATEWAY_THREADS"):
+        return "BILLING_GATEWAY_CONCURRENCY"
+    return "BILLING_GATEWAY_THREADS"
+
+
 @dataclass(frozen=True)
 class TaskSettings:
     """The worker-side knobs that are not in `billing.config.Settings`."""
@@ -100,10 +108,10 @@ class TaskSettings:
     worker_concurrency: int = 32
     prefetch_multiplier: int = 1
     # Invoices per billing.charge_invoices message (1: one billing.charge_invoice each), and the charges one
-    # worker process keeps in flight at Tpaga (in flight = rate x latency: 300 at 0.3 s is ~1,000/s; a multiple
-    # of the batch size lets whole batches go out at once).
+    # worker process keeps in flight at Tpaga on its event loop (in flight = rate x latency: 300 at 0.3 s is
+    # ~1,000/s; a multiple of the batch size lets whole batches go out at once).
     charge_batch_size: int = 100
-    gateway_threads: int = 300
+    gateway_concurrency: int = 300
     soft_time_limit_seconds: int = 120
     time_limit_seconds: int = 150
     visibility_timeout_seconds: int = 1800
@@ -139,7 +147,7 @@ class TaskSettings:
             worker_concurrency=_int(env, "BILLING_WORKER_CONCURRENCY", 32, 1),
             prefetch_multiplier=_int(env, "BILLING_WORKER_PREFETCH_MULTIPLIER", 1, 1),
             charge_batch_size=_int(env, "BILLING_CHARGE_BATCH_SIZE", 100, 1),
-            gateway_threads=_int(env, "BILLING_GATEWAY_THREADS", 300, 1),
+            gateway_concurrency=_int(env, _gateway_concurrency_variable(env), 300, 1),
             soft_time_limit_seconds=_int(env, "BILLING_TASK_SOFT_TIME_LIMIT", 120, 1),
             time_limit_seconds=_int(env, "BILLING_TASK_TIME_LIMIT", 150, 1),
             visibility_timeout_seconds=_int(env, "BILLING_VISIBILITY_TIMEOUT", 1800, 1),

@@ -67,13 +67,13 @@ class Runtime:
             return self._context
 
     def gateway_pool(self) -> GatewayPool:
-        """This process's pool for concurrent gateway calls (BILLING_GATEWAY_THREADS), made after a fork."""
+        """This process's pool for concurrent gateway calls (BILLING_GATEWAY_CONCURRENCY), made after a fork."""
         pool, pid = self._pool, os.getpid()
         if pool is not None and pool[0] == pid:
             return pool[1]
         with self._lock:
             if self._pool is None or self._pool[0] != pid:
-                self._pool = (pid, GatewayPool(self.task_settings.gateway_threads))
+                self._pool = (pid, GatewayPool(self.task_settings.gateway_concurrency))
             return self._pool[1]
 
     def warm_up(self) -> None:

@@ -3,6 +3,7 @@ concurrent, with the same outcomes, dunning and safety as one charge_invoice per
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections import Counter
 from datetime import timedelta
@@ -358,7 +359,22 @@ def test_the_gateway_pool_hands_out_at_most_its_size_first_come_first_served() -
     pool.release(2)
     small.join(5)
     assert order == [("big", 2), ("small", 1)]
-    assert pool.map(lambda x: x * 2, [1, 2, 3]) == [2, 4, 6]
+    pool.shutdown()
+
+
+def test_gateway_pool_runs_coroutines_concurrently_in_order_and_restarts_after_shutdown() -> None:
+    pool = GatewayPool(4)
+    gate = threading.Barrier(3, timeout=5)  # three calls must be in flight at once to pass it
+
+    async def double(x: int) -> int:
+        await asyncio.get_running_loop().run_in_executor(None, gate.wait)
+        return x * 2
+
+    assert pool.run(double, [1, 2, 3]) == [2, 4, 6]
+    pool.shutdown()
+    pool.shutdown()  # idempotent
+    gate.reset()
+    assert pool.run(double, [4, 5, 6]) == [8, 10, 12]  # a new loop after shutdown
     pool.shutdown()
 
 
@@ -406,14 +422,20 @@ def test_the_worker_settings_for_batches_come_from_the_app_and_the_environment()
     from tasks.config import TaskSettings, celery_config
 
     defaults = TaskSettings.from_env({})
-    assert (defaults.charge_batch_size, defaults.gateway_threads) == (100, 300)
+    assert (defaults.charge_batch_size, defaults.gateway_concurrency) == (100, 300)
     conf = celery_config(defaults)  # what `celery -A tasks worker` runs with, no options given
     assert (conf["worker_pool"], conf["worker_concurrency"], conf["worker_prefetch_multiplier"]) == ("threads", 32, 1)
-    tuned = TaskSettings.from_env({"BILLING_CHARGE_BATCH_SIZE": "250", "BILLING_GATEWAY_THREADS": "64"})
-    assert (tuned.charge_batch_size, tuned.gateway_threads) == (250, 64)
+    tuned = TaskSettings.from_env({"BILLING_CHARGE_BATCH_SIZE": "250", "BILLING_GATEWAY_CONCURRENCY": "64"})
+    assert (tuned.charge_batch_size, tuned.gateway_concurrency) == (250, 64)
+    # the variable's earlier name is still read, and the new name wins when both are set
+    assert TaskSettings.from_env({"BILLING_GATEWAY_THREADS": "64"}).gateway_concurrency == 64
+    both = {"BILLING_GATEWAY_THREADS": "64", "BILLING_GATEWAY_CONCURRENCY": "128"}
+    assert TaskSettings.from_env(both).gateway_concurrency == 128
     for env, variable in (
         ({"BILLING_CHARGE_BATCH_SIZE": "1001"}, "BILLING_CHARGE_BATCH_SIZE"),
         ({"BILLING_CHARGE_BATCH_SIZE": "0"}, "BILLING_CHARGE_BATCH_SIZE"),
+        ({"BILLING_GATEWAY_CONCURRENCY": "none"}, "BILLING_GATEWAY_CONCURRENCY"),
+        ({"BILLING_GATEWAY_CONCURRENCY": "0"}, "BILLING_GATEWAY_CONCURRENCY"),
         ({"BILLING_GATEWAY_THREADS": "none"}, "BILLING_GATEWAY_THREADS"),
     ):
         with pytest.raises(ConfigError, match=variable):

@@ -76,6 +76,9 @@ class LazyGateway:
             card_id=card_id, amount=amount, currency=currency, order_id=order_id, description=description
         )
 
+    async def charge_async(self, **fields: Any) -> Any:
+        return await self.client().charge_async(**fields)
+
     def get_charge(self, charge_id: str) -> Any:
         return self.client().get_charge(charge_id)
 

@@ -17,11 +17,12 @@ Sending anyway could break Tpaga's limit, and a 429 on a charge is an ambiguous 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 from billing.gateway.errors import NotSentError
@@ -130,12 +131,18 @@ class RedisRateLimiter:
     def acquire(self) -> None:
         while True:
             reserved, wait_seconds = self.reserve()
+            delay = self.pause(reserved, wait_seconds)
+            if delay > 0:
+                self._sleep(delay)
             if reserved:
-                if wait_seconds > 0:
-                    self._sleep(wait_seconds)
                 return
-            # The queue ahead is longer than max_reserve_seconds: come back when it has drained somewhat.
-            self._sleep(min(max(wait_seconds - self._max_reserve_us / 1_000_000, 0.001), 0.5))
+
+    def pause(self, reserved: bool, wait_seconds: float) -> float:
+        """How long to sleep after `reserve()`: until the slot, or (none reserved: the queue ahead is longer than
+        max_reserve_seconds) until it has drained somewhat, then ask again."""
+        if reserved:
+            return max(wait_seconds, 0.0)
+        return min(max(wait_seconds - self._max_reserve_us / 1_000_000, 0.001), 0.5)
 
 
 class LocalRateLimiter:
@@ -162,13 +169,39 @@ class LocalRateLimiter:
         return f"LocalRateLimiter(rate_per_second={self.rate_per_second})"
 
     def acquire(self) -> None:
+        wait = self.reserve()[1]
+        if wait > 0:
+            self._sleep(wait)
+
+    def reserve(self) -> tuple[bool, float]:
+        """Reserve the next slot: (True, seconds to wait for it). Never blocks."""
         with self._lock:
             now = self._clock()
             tat = max(self._tat, now)
             wait = tat - self._tolerance - now
             self._tat = tat + self._interval
-        if wait > 0:
-            self._sleep(wait)
+        return True, max(wait, 0.0)
+
+    def pause(self, reserved: bool, wait_seconds: float) -> float:
+        return wait_seconds
+
+
+async def acquire_async(limiter: RateLimiter, run_blocking: Callable[[Callable[[], Any]], Awaitable[Any]]) -> None:
+    """`limiter.acquire()` for a coroutine: the reservation (a Redis round trip) runs through `run_blocking`
+    (a thread, so the event loop keeps reading answers meanwhile) and the wait is an `asyncio.sleep`. A limiter
+    without `reserve`/`pause` has its whole `acquire` run through `run_blocking`."""
+    reserve = getattr(limiter, "reserve", None)
+    pause = getattr(limiter, "pause", None)
+    if reserve is None or pause is None:
+        await run_blocking(limiter.acquire)
+        return
+    while True:
+        reserved, wait_seconds = await run_blocking(reserve)
+        delay = pause(reserved, wait_seconds)
+        if delay > 0:
+            await asyncio.sleep(delay)
+        if reserved:
+            return
 
 
 def from_settings(settings: Settings) -> RateLimiter | None:

@@ -8,16 +8,24 @@ can charge the customer twice. 4xx answers and declines are never retried here (
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
-from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt, stop_before_delay
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    Retrying,
+    retry_if_exception,
+    stop_after_attempt,
+    stop_before_delay,
+)
 
 from billing.gateway.errors import NotSentError, OutcomeUnknownError
 from billing.gateway.operations import Operation
 
-__all__ = ["Operation", "RandomSource", "backoff_seconds", "build_retrying", "should_retry"]
+__all__ = ["Operation", "RandomSource", "backoff_seconds", "build_async_retrying", "build_retrying", "should_retry"]
 
 logger = logging.getLogger("billing.gateway")
 
@@ -69,6 +77,23 @@ def build_retrying(
 ) -> Retrying:
     """A tenacity controller for one call: bounded attempts and total time, jittered backoff, one WARNING per
     retry naming the operation, the attempt number and the error class (never ids, keys or URLs)."""
+    return Retrying(**_policy(operation, attempts, max_seconds, rng), sleep=sleep)
+
+
+def build_async_retrying(
+    operation: Operation[Any],
+    *,
+    attempts: int,
+    max_seconds: float,
+    rng: RandomSource,
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+) -> AsyncRetrying:
+    """`build_retrying`'s policy for `async for`: the same stop, wait, predicate and log."""
+    return AsyncRetrying(**_policy(operation, attempts, max_seconds, rng), sleep=sleep)
+
+
+def _policy(operation: Operation[Any], attempts: int, max_seconds: float, rng: RandomSource) -> dict[str, Any]:
+    """The controller's settings but its sleep: what may be retried, for how long, how far apart, logged how."""
 
     def wait(state: RetryCallState) -> float:
         return backoff_seconds(state.attempt_number, rng)
@@ -85,11 +110,10 @@ def build_retrying(
             state.upcoming_sleep,
         )
 
-    return Retrying(
-        stop=stop_after_attempt(attempts) | stop_before_delay(max_seconds),
-        wait=wait,
-        retry=retry_if_exception(lambda error: should_retry(operation, error)),
-        before_sleep=log_retry,
-        sleep=sleep,
-        reraise=True,
-    )
+    return {
+        "stop": stop_after_attempt(attempts) | stop_before_delay(max_seconds),
+        "wait": wait,
+        "retry": retry_if_exception(lambda error: should_retry(operation, error)),
+        "before_sleep": log_retry,
+        "reraise": True,
+    }

@@ -80,6 +80,11 @@ class BasicKeyAuth(AuthBase):
     def __init__(self, key: str) -> None:
         self._header = "Basic " + base64.b64encode(f"{key}:".encode()).decode("ascii")
 
+    @property
+    def header(self) -> str:
+        """The Authorization header's value."""
+        return self._header
+
     def __call__(self, request: requests.PreparedRequest) -> requests.PreparedRequest:
         request.headers["Authorization"] = self._header
         return request
@@ -173,6 +178,20 @@ def classify_transport_error(error: BaseException) -> tuple[Verdict, str]:
     return "dropped", type(innermost).__name__
 
 
+def transport_failure(operation: Operation[Any], verdict: Verdict, cause: str) -> TpagaError:
+    """The client error for a transport failure: NotSentError, or OutcomeUnknownError with the verdict."""
+    name = operation.name
+    if verdict == "not_sent":
+        return NotSentError(f"{name}: the request was not sent ({cause})", operation=name, cause=cause)
+    detail = "no answer within the read timeout" if verdict == "timeout" else "the connection broke"
+    return OutcomeUnknownError(
+        f"{name}: outcome unknown ({verdict}): {detail} after the request may have been sent ({cause})",
+        reason=verdict,
+        operation=name,
+        cause=cause,
+    )
+
+
 TRANSPORT_ERRORS: tuple[type[BaseException], ...] = (
     requests.exceptions.RequestException,
     urllib3.exceptions.HTTPError,
@@ -264,17 +283,7 @@ class Transport:
 
     @staticmethod
     def _failure(operation: Operation[Any], error: BaseException) -> TpagaError:
-        verdict, cause = classify_transport_error(error)
-        name = operation.name
-        if verdict == "not_sent":
-            return NotSentError(f"{name}: the request was not sent ({cause})", operation=name, cause=cause)
-        detail = "no answer within the read timeout" if verdict == "timeout" else "the connection broke"
-        return OutcomeUnknownError(
-            f"{name}: outcome unknown ({verdict}): {detail} after the request may have been sent ({cause})",
-            reason=verdict,
-            operation=name,
-            cause=cause,
-        )
+        return transport_failure(operation, *classify_transport_error(error))
 
     def close(self) -> None:
         """Close every thread's session; later calls open new ones."""
