@@ -701,28 +701,39 @@ def ratelimit_section(
     finally:
         stack.stop()
     times = sorted(t for t in emulator.ledger_times() if t >= started)
-    span = (times[-1] - times[0]).total_seconds() if len(times) > 1 else float("nan")
-    sustained = (len(times) - 1) / span if span > 0 else float("nan")
+    sustained = rate_of(times)
+    # After the first second: the schedule the limiter hands out starts at the first reservation, but the first
+    # requests reach the emulator late (the workers are still claiming and opening connections) and then
+    # arrive bunched with those on time, which the whole span counts as a higher rate.
+    steady = rate_of([t for t in times if times and t >= times[0] + timedelta(seconds=1)])
     busiest_1s, busiest_5s = busiest(times, 1.0), busiest(times, 5.0)
     # The limiter hands out send times one interval apart (shared by both workers through Redis). Between that
     # moment and the emulator stamping the request, a busy worker's thread waits for the GIL and the emulator's
     # event loop for the CPU, so requests can arrive bunched: short windows show more than the limit even when
     # the sustained rate is under it. Leave Tpaga's own limit some headroom (PERFORMANCE.md).
-    held = sustained <= limit * 1.01
+    held = steady <= limit * 1.01
     log(
-        f"  sustained {sustained:.0f}/s at the emulator for a limit of {limit}/s (held: {held}); end to end "
-        f"{run['charges_per_second']}/s; busiest second {busiest_1s}, busiest five seconds {busiest_5s}"
+        f"  sustained {sustained:.0f}/s at the emulator over the whole run, {steady:.1f}/s after its first second, "
+        f"for a limit of {limit}/s (held: {held}); end to end {run['charges_per_second']}/s; busiest second "
+        f"{busiest_1s}, busiest five seconds {busiest_5s}"
     )
     results["rate_limit"] = {
         "limit_per_second": limit,
         "burst": default_burst(limit),
         "workers": 2,
         "sustained_per_second_at_emulator": round(sustained, 1),
+        "steady_per_second_after_first_second": round(steady, 1),
         "busiest_one_second_window": busiest_1s,
         "busiest_five_second_window": busiest_5s,
         "held": held,
         **run,
     }
+
+
+def rate_of(times: list[datetime]) -> float:
+    """Arrivals per second between the first and the last of the (sorted) times."""
+    span = (times[-1] - times[0]).total_seconds() if len(times) > 1 else 0.0
+    return (len(times) - 1) / span if span > 0 else float("nan")
 
 
 def busiest(times: list[datetime], seconds: float) -> int:
@@ -1069,7 +1080,9 @@ def print_summary(results: dict[str, Any]) -> None:
         r = results["rate_limit"]
         print(
             f"rate limit {r['limit_per_second']}/s: sustained {r['sustained_per_second_at_emulator']}/s at the"
-            f" emulator (held: {r['held']}), busiest second {r['busiest_one_second_window']}"
+            f" emulator, {r['steady_per_second_after_first_second']}/s after the first second (held: {r['held']}),"
+            f" busiest second {r['busiest_one_second_window']}, busiest five seconds"
+            f" {r['busiest_five_second_window']}"
         )
     for workers, n in results.get("celery_noop", {}).get("by_workers", {}).items():
         print(f"celery no-op ceiling, {workers} worker(s): {n['tasks_per_second']} tasks/s")
