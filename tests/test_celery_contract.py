@@ -292,3 +292,59 @@ def test_every_public_task_sent_by_name_from_another_app(
     assert not re.search(r"Retry in \d", log)
     for key in ("charge", "attach", "open", "refund", "cancel", "refund_by_charge"):
         assert re.search(rf"\[{ids[key]}\] succeeded", log), key
+
+
+@pytest.mark.parametrize("pool", ["threads", "prefork"])
+def test_a_batch_sent_by_name_is_charged_and_a_warm_shutdown_closes_the_gateway_connections(
+    world: tuple[Context, TpagaClient], sandbox: Any, pg_url: str, redis_db_url: str, tmp_path: Path, pool: str
+) -> None:
+    ctx, gateway = world
+    # Given three due invoices of one customer with a card
+    plan_id = catalog.create_plan(ctx, code="daily", name="Daily", amount=Money.from_major("9900", "COP"))
+    cy = catalog.create_customer(ctx, email="cy@example.com", first_name="Cy")
+    token = gateway.tokenize_card(number="4111111111111111", exp_month=12, exp_year=2031, holder_name="Cy")
+    catalog.attach_card(ctx, customer_id=cy, token=token)
+    subs = [catalog.subscribe(ctx, customer_id=cy, plan_id=plan_id) for _ in range(3)]
+    assert invoicing.open_due_invoices(ctx) == 3
+    with ctx.sessions() as s:
+        invoice_ids = list(s.execute(select(Invoice.id).where(Invoice.subscription_id.in_(subs))).scalars())
+
+    env = process_env(
+        {
+            "DATABASE_URL": pg_url,
+            "CELERY_BROKER_URL": redis_db_url,
+            "TPAGA_API_URL": sandbox.api_url,
+            "TPAGA_PRIVATE_KEY": DEFAULT_PRIVATE_KEY,
+            "TPAGA_PUBLIC_KEY": DEFAULT_PUBLIC_KEY,
+            "BILLING_WORKER_POOL": pool,
+        }
+    )
+    log = tmp_path / "worker.log"
+    # (no --pool flag: the app's pool, from BILLING_WORKER_POOL, as `celery -A tasks worker` runs it)
+    args = ["worker", "--loglevel", "INFO", "--concurrency", "2", "--without-mingle", "--without-gossip"]
+    with CeleryProcess(args, env, log) as proc:
+        proc.wait_for_log(r"ready\.", 60)
+        # When another app sends the batch task by name
+        send_by_name(
+            redis_db_url, [("batch", "billing.charge_invoices", "billing.charges", [], {"invoice_ids": invoice_ids})]
+        )
+
+        # Then every invoice is paid by one approved attempt, through the worker's event loop
+        def all_paid() -> bool:
+            with ctx.sessions() as s:
+                states = s.execute(select(Invoice.state).where(Invoice.id.in_(invoice_ids))).scalars().all()
+            return list(states) == ["paid"] * 3
+
+        wait_until(all_paid, "the batch's invoices paid", proc)
+        with ctx.sessions() as s:
+            approved = s.execute(
+                select(func.count()).where(ChargeAttempt.invoice_id.in_(invoice_ids), ChargeAttempt.state == "approved")
+            ).scalar_one()
+        assert approved == 3
+        # And a warm shutdown (SIGTERM) closes the gateway connections cleanly: nothing unclosed, nothing cut
+        proc.stop(30)
+        assert proc.proc is not None and proc.proc.returncode == 0
+    text = log.read_text(errors="replace")
+    assert "Unclosed" not in text
+    assert "still in flight" not in text
+    assert "Traceback" not in text

@@ -30,11 +30,14 @@ from billing.gateway.aio import classify_aiohttp_error, close_transports
 from billing.gateway.ratelimit import LocalRateLimiter
 from billing.gateway.transport import USER_AGENT
 from billing.services.batch import GatewayPool
-from tests.test_gateway_mapping import HTML_502, charge_json, declined
+from tests.test_gateway_mapping import charge_json, declined
 from tests.test_gateway_transport import (  # noqa: F401
+    BAD_CHARGE_INPUTS,
     CARD_ID,
     PRIVATE_KEY,
     PUBLIC_KEY,
+    UNREADABLE_CHARGE_ANSWER_IDS,
+    UNREADABLE_CHARGE_ANSWERS,
     Reply,
     StubServer,
     basic,
@@ -148,33 +151,10 @@ def test_a_real_decline_is_raised_once(stub: StubServer, client: TpagaClient) ->
 @pytest.mark.parametrize(
     ("reply", "reason"),
     [
-        (Reply(502, HTML_502, content_type="text/html"), "server_error"),
-        (Reply(503, b""), "server_error"),
-        (Reply(201, json.dumps(charge_json()).encode()[:80]), "malformed"),
-        (Reply(201, charge_json(), action="truncate"), "dropped"),
-        (Reply(201, HTML_502, content_type="text/html"), "malformed"),
-        (Reply(201, charge_json(paid=False)), "not_approved"),
-        (Reply(201, {k: v for k, v in charge_json().items() if k != "transactionInfo"}), "malformed"),
-        (Reply(201, {"id": "c1"}), "malformed"),
-        (Reply(402, declined("9999")), "unknown_code"),
-        (Reply(402, declined("")), "unknown_code"),
-        (Reply(302, b""), "malformed"),
+        *UNREADABLE_CHARGE_ANSWERS,
         (Reply(201, b"\x00\x01", content_type="application/json; charset=no-such-codec"), "malformed"),
     ],
-    ids=[
-        "502-html",
-        "503-empty",
-        "201-truncated-json",
-        "201-connection-closed-mid-body",
-        "201-html",
-        "201-paid-false",
-        "201-missing-status",
-        "201-only-id",
-        "402-9999",
-        "402-empty-code",
-        "302-redirect-not-followed",
-        "201-unknown-charset",
-    ],
+    ids=[*UNREADABLE_CHARGE_ANSWER_IDS, "201-unknown-charset"],
 )
 def test_an_unreadable_or_ambiguous_charge_answer_is_unknown_and_not_retried(
     stub: StubServer, client: TpagaClient, caplog: pytest.LogCaptureFixture, reply: Reply, reason: str
@@ -188,28 +168,7 @@ def test_an_unreadable_or_ambiguous_charge_answer_is_unknown_and_not_retried(
     assert retry_warnings(caplog) == []
 
 
-@pytest.mark.parametrize(
-    "kwargs",
-    [
-        {"amount": Decimal(0)},
-        {"amount": Decimal(-1)},
-        {"amount": 4500.0},
-        {"amount": "4500"},
-        {"amount": True},
-        {"amount": Decimal("NaN")},
-        {"amount": Decimal("10.001")},
-        {"tax_amount": Decimal(-1)},
-        {"installments": 0},
-        {"installments": 37},
-        {"installments": True},
-        {"currency": "cop"},
-        {"currency": ""},
-        {"card_id": ""},
-        {"card_id": " " + CARD_ID},
-        {"order_id": ""},
-        {"description": 5},
-    ],
-)
+@pytest.mark.parametrize("kwargs", BAD_CHARGE_INPUTS)
 def test_charge_inputs_are_checked_before_sending(
     stub: StubServer, client: TpagaClient, sessions: list[aiohttp.ClientSession], kwargs: dict[str, Any]
 ) -> None:

@@ -380,28 +380,29 @@ def test_ids_are_quoted_into_paths(stub: StubServer, client: TpagaClient) -> Non
     assert stub.received[1].path == f"/api/customer/cus%201/credit_card/{CARD_ID}"
 
 
-@pytest.mark.parametrize(
-    "kwargs",
-    [
-        {"amount": Decimal(0)},
-        {"amount": Decimal(-1)},
-        {"amount": 4500.0},
-        {"amount": "4500"},
-        {"amount": True},
-        {"amount": Decimal("NaN")},
-        {"amount": Decimal("10.001")},
-        {"tax_amount": Decimal(-1)},
-        {"installments": 0},
-        {"installments": 37},
-        {"installments": True},
-        {"currency": "cop"},
-        {"currency": ""},
-        {"card_id": ""},
-        {"card_id": " " + CARD_ID},
-        {"order_id": ""},
-        {"description": 5},
-    ],
-)
+# Charge inputs refused before anything is sent (the async client's tests use the same table).
+BAD_CHARGE_INPUTS: list[dict[str, Any]] = [
+    {"amount": Decimal(0)},
+    {"amount": Decimal(-1)},
+    {"amount": 4500.0},
+    {"amount": "4500"},
+    {"amount": True},
+    {"amount": Decimal("NaN")},
+    {"amount": Decimal("10.001")},
+    {"tax_amount": Decimal(-1)},
+    {"installments": 0},
+    {"installments": 37},
+    {"installments": True},
+    {"currency": "cop"},
+    {"currency": ""},
+    {"card_id": ""},
+    {"card_id": " " + CARD_ID},
+    {"order_id": ""},
+    {"description": 5},
+]
+
+
+@pytest.mark.parametrize("kwargs", BAD_CHARGE_INPUTS)
 def test_charge_inputs_are_checked_before_sending(
     stub: StubServer, client: TpagaClient, kwargs: dict[str, Any]
 ) -> None:
@@ -438,35 +439,36 @@ def test_other_inputs_are_checked_before_sending(stub: StubServer, client: Tpaga
 # --- malformed answers to a charge: all unknown, none retried ---------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    ("reply", "reason"),
-    [
-        (Reply(502, HTML_502, content_type="text/html"), "server_error"),
-        (Reply(503, b""), "server_error"),
-        (Reply(201, json.dumps(charge_json()).encode()[:80]), "malformed"),
-        (Reply(201, charge_json(), action="truncate"), "dropped"),
-        (Reply(201, HTML_502, content_type="text/html"), "malformed"),
-        (Reply(201, charge_json(paid=False)), "not_approved"),
-        (Reply(201, {k: v for k, v in charge_json().items() if k != "transactionInfo"}), "malformed"),
-        (Reply(201, {"id": "c1"}), "malformed"),
-        (Reply(402, declined("9999")), "unknown_code"),
-        (Reply(402, declined("")), "unknown_code"),
-        (Reply(302, b""), "malformed"),
-    ],
-    ids=[
-        "502-html",
-        "503-empty",
-        "201-truncated-json",
-        "201-connection-closed-mid-body",
-        "201-html",
-        "201-paid-false",
-        "201-missing-status",
-        "201-only-id",
-        "402-9999",
-        "402-empty-code",
-        "302-redirect-not-followed",
-    ],
-)
+# Answers to a charge that leave its outcome unknown, with the reason (shared with the async client's tests).
+UNREADABLE_CHARGE_ANSWERS: list[tuple[Reply, str]] = [
+    (Reply(502, HTML_502, content_type="text/html"), "server_error"),
+    (Reply(503, b""), "server_error"),
+    (Reply(201, json.dumps(charge_json()).encode()[:80]), "malformed"),
+    (Reply(201, charge_json(), action="truncate"), "dropped"),
+    (Reply(201, HTML_502, content_type="text/html"), "malformed"),
+    (Reply(201, charge_json(paid=False)), "not_approved"),
+    (Reply(201, {k: v for k, v in charge_json().items() if k != "transactionInfo"}), "malformed"),
+    (Reply(201, {"id": "c1"}), "malformed"),
+    (Reply(402, declined("9999")), "unknown_code"),
+    (Reply(402, declined("")), "unknown_code"),
+    (Reply(302, b""), "malformed"),
+]
+UNREADABLE_CHARGE_ANSWER_IDS = [
+    "502-html",
+    "503-empty",
+    "201-truncated-json",
+    "201-connection-closed-mid-body",
+    "201-html",
+    "201-paid-false",
+    "201-missing-status",
+    "201-only-id",
+    "402-9999",
+    "402-empty-code",
+    "302-redirect-not-followed",
+]
+
+
+@pytest.mark.parametrize(("reply", "reason"), UNREADABLE_CHARGE_ANSWERS, ids=UNREADABLE_CHARGE_ANSWER_IDS)
 def test_an_unreadable_or_ambiguous_charge_answer_is_unknown_and_not_retried(
     stub: StubServer, client: TpagaClient, reply: Reply, reason: str
 ) -> None:

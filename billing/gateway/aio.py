@@ -40,6 +40,7 @@ from billing.gateway.transport import (
     Verdict,
     charset_of,
     checked_api_url,
+    log_exchange,
     transport_failure,
 )
 
@@ -139,6 +140,7 @@ class AsyncTransport:
         session = self._client_session()
         started = time.monotonic()
         failure: TpagaError | None = None
+        result: RawResponse | None = None
         try:
             async with session.request(
                 operation.method,
@@ -154,18 +156,7 @@ class AsyncTransport:
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             failure = self._failure(operation, exc)
         # Raised outside the except block: aiohttp's errors name the URL, whose path can hold a card id.
-        if failure is not None:
-            logger.debug(
-                "tpaga %s failed after %.0f ms: %s",
-                operation.name,
-                (time.monotonic() - started) * 1000,
-                type(failure).__name__,
-            )
-            raise failure
-        logger.debug(
-            "tpaga %s answered HTTP %d in %.0f ms", operation.name, result.status, (time.monotonic() - started) * 1000
-        )
-        return result
+        return log_exchange(operation, started, result, failure)
 
     @staticmethod
     def _failure(operation: Operation[Any], error: BaseException) -> TpagaError:

@@ -192,6 +192,20 @@ def transport_failure(operation: Operation[Any], verdict: Verdict, cause: str) -
     )
 
 
+def log_exchange(
+    operation: Operation[Any], started: float, result: RawResponse | None, failure: TpagaError | None
+) -> RawResponse:
+    """Log one exchange at DEBUG (operation, status or error class, milliseconds: never the URL, ids or body),
+    then return its answer or raise its failure."""
+    elapsed_ms = (time.monotonic() - started) * 1000
+    if failure is not None:
+        logger.debug("tpaga %s failed after %.0f ms: %s", operation.name, elapsed_ms, type(failure).__name__)
+        raise failure
+    assert result is not None
+    logger.debug("tpaga %s answered HTTP %d in %.0f ms", operation.name, result.status, elapsed_ms)
+    return result
+
+
 TRANSPORT_ERRORS: tuple[type[BaseException], ...] = (
     requests.exceptions.RequestException,
     urllib3.exceptions.HTTPError,
@@ -248,6 +262,7 @@ class Transport:
         session = self._session()
         started = time.monotonic()
         failure: TpagaError | None = None
+        result: RawResponse | None = None
         try:
             response = session.request(
                 operation.method,
@@ -265,21 +280,7 @@ class Transport:
             failure = self._failure(operation, exc)
         # Raised outside the except block on purpose: requests' exceptions carry the URL, whose path can hold
         # a card id, so they must not ride along as __context__ into logged tracebacks.
-        if failure is not None:
-            logger.debug(
-                "tpaga %s failed after %.0f ms: %s",
-                operation.name,
-                (time.monotonic() - started) * 1000,
-                type(failure).__name__,
-            )
-            raise failure
-        logger.debug(
-            "tpaga %s answered HTTP %d in %.0f ms",
-            operation.name,
-            result.status,
-            (time.monotonic() - started) * 1000,
-        )
-        return result
+        return log_exchange(operation, started, result, failure)
 
     @staticmethod
     def _failure(operation: Operation[Any], error: BaseException) -> TpagaError:
