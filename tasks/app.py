@@ -49,12 +49,5 @@ def _warm_up_pool_process(**_: Any) -> None:
     runtime.warm_up()
 
 
-def _close_gateway_pool(**_: Any) -> None:
-    runtime.close_gateway_pool()
-
-
 signals.worker_ready.connect(_warm_up_worker, weak=False)
 signals.worker_process_init.connect(_warm_up_pool_process, weak=False)
-# After the pool has stopped (threads, solo: in the main process; prefork: in each child as it exits).
-signals.worker_shutdown.connect(_close_gateway_pool, weak=False)
-signals.worker_process_shutdown.connect(_close_gateway_pool, weak=False)

@@ -76,21 +76,6 @@ class Runtime:
                 self._pool = (pid, GatewayPool(self.task_settings.gateway_concurrency))
             return self._pool[1]
 
-    def close_gateway_pool(self) -> None:
-        """At worker shutdown, after the last task: close this process's gateway loop and its keep-alive
-        connections, if nothing is in flight (a warm shutdown waits for the tasks; a cold one may not, and then
-        the calls are left to finish or die with the process rather than be cut here)."""
-        with self._lock:
-            pool = self._pool
-        if pool is None or pool[0] != os.getpid():
-            return
-        if pool[1].shutdown_if_idle():
-            with self._lock:
-                if self._pool is pool:
-                    self._pool = None
-        else:
-            log.warning("shutdown: gateway calls still in flight; their connections are left open")
-
     def warm_up(self) -> None:
         """Before a worker process reports ready: build the Context and open one database connection (which
         imports the driver and the dialect), so a database that is unreachable or misconfigured shows in the

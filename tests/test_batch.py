@@ -535,37 +535,3 @@ def test_when_the_batch_transaction_fails_each_outcome_is_recorded_on_its_own(wo
     assert world.attempts(ids[2])[0].state == "sending"
     world.advance(minutes=6)
     assert expire_stuck_attempts(world.ctx) == {"not_sent": 0, "unknown": 1}
-
-
-def test_shutdown_if_idle_leaves_a_pool_with_calls_in_flight_alone() -> None:
-    pool = GatewayPool(4)
-
-    async def echo(x: int) -> int:
-        return x
-
-    assert pool.run(echo, [1]) == [1]  # the loop is running
-    with pool.slots(2):
-        assert pool.shutdown_if_idle() is False  # a batch holds slots: its calls may be on the wire
-        assert pool.run(echo, [2]) == [2]  # the loop still serves it
-    assert pool.shutdown_if_idle() is True
-    assert pool._loop is None  # stopped; a later run starts a new loop
-    assert pool.run(echo, [3]) == [3]
-    pool.shutdown()
-
-
-def test_the_runtime_closes_its_gateway_pool_at_worker_shutdown_only_when_idle(
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    import tasks
-    from tasks.config import TaskSettings
-    from tasks.wiring import Runtime
-
-    runtime = Runtime(tasks.app, TaskSettings())
-    runtime.close_gateway_pool()  # never used: nothing to close, no error
-    pool = runtime.gateway_pool()
-    with pool.slots(1):
-        runtime.close_gateway_pool()
-    assert "gateway calls still in flight" in caplog.text
-    assert runtime.gateway_pool() is pool  # kept
-    runtime.close_gateway_pool()
-    assert runtime.gateway_pool() is not pool  # closed and forgotten: a new one on next use

@@ -124,15 +124,6 @@ class GatewayPool:
 
         return asyncio.run_coroutine_threadsafe(every(), self._running_loop()).result()
 
-    def shutdown_if_idle(self) -> bool:
-        """`shutdown()` unless a batch holds or waits for slots (its calls may be on the wire: closing their
-        connections would make charges Tpaga may have made look dropped). Whether it shut down."""
-        with self._cond:
-            idle = self._free == self.size and not self._queue
-        if idle:
-            self.shutdown()
-        return idle
-
     def shutdown(self) -> None:
         """Close the loop's HTTP sessions, stop the loop and join its thread (and the executor's)."""
         with self._start_lock:
