@@ -535,3 +535,32 @@ def test_when_the_batch_transaction_fails_each_outcome_is_recorded_on_its_own(wo
     assert world.attempts(ids[2])[0].state == "sending"
     world.advance(minutes=6)
     assert expire_stuck_attempts(world.ctx) == {"not_sent": 0, "unknown": 1}
+
+
+class AsyncRevokedKey(FakeGateway):
+    """A gateway with `charge_async` (the batch's event-loop path) that has revoked our key: each call is
+    counted when it leaves, waits for its answer (one loop iteration), and gets a 401."""
+
+    async def charge_async(self, **kw: Any) -> Any:
+        with self._lock:
+            self.calls["charge"] += 1
+        await asyncio.sleep(0)
+        raise gw.UnauthorizedError("invalid key", operation="charge")
+
+
+def test_a_wave_on_the_event_loop_stops_at_the_first_401_instead_of_leaving_whole(sqlite_url: str):
+    # Given 20 due invoices and an async gateway that answers 401
+    world = make_world(sqlite_url)
+    world.gateway = AsyncRevokedKey()
+    world.ctx.gateway = world.gateway
+    for _ in range(20):
+        world.subscriber()
+    ids = _open(world)
+    # When they go out as one wave of 20 on the pool's event loop
+    pool = GatewayPool(20)
+    outcomes = charge_invoices(world.ctx, ids, pool=pool)
+    pool.shutdown()
+    # Then the answer to the first call was read before the second left: one request, billing paused
+    assert world.gateway.calls["charge"] == 1
+    assert [o.outcome for o in outcomes] == ["paused"] * 20
+    assert world.status()["paused"]

@@ -117,10 +117,18 @@ class GatewayPool:
 
     def run(self, fn: Callable[[T], Awaitable[R]], items: Sequence[T]) -> list[R]:
         """`fn` over `items` concurrently on the pool's event loop, results in order; blocks the caller until
-        all are done. `fn` should not raise (the first exception is raised here once every call has ended)."""
+        all are done. `fn` should not raise (the first exception is raised here once every call has ended).
+
+        The calls start one loop iteration apart: between two starts the loop reads whatever answers have
+        arrived, so an early answer that stops a batch (a 401) is seen before the rest of the wave leaves.
+        Started all at once, a wave of 100 charges is written in ~15 ms, before any answer is read."""
 
         async def every() -> list[R]:
-            return list(await asyncio.gather(*(fn(item) for item in items), return_exceptions=False))
+            started = []
+            for item in items:
+                started.append(asyncio.ensure_future(fn(item)))
+                await asyncio.sleep(0)
+            return list(await asyncio.gather(*started))
 
         return asyncio.run_coroutine_threadsafe(every(), self._running_loop()).result()
 
