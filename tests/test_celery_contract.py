@@ -71,6 +71,20 @@ def wait_until(check: Callable[[], Any], what: str, worker_proc: CeleryProcess, 
     pytest.fail(f"timed out waiting for {what}; worker log tail:\n{worker_proc.log_text()[-3000:]}")
 
 
+def worker_env(pg_url: str, broker_url: str, sandbox: Any, **extra: str) -> dict[str, str]:
+    """A worker's environment: this test's database, broker and emulator, the emulator's keys."""
+    return process_env(
+        {
+            "DATABASE_URL": pg_url,
+            "CELERY_BROKER_URL": broker_url,
+            "TPAGA_API_URL": sandbox.api_url,
+            "TPAGA_PRIVATE_KEY": DEFAULT_PRIVATE_KEY,
+            "TPAGA_PUBLIC_KEY": DEFAULT_PUBLIC_KEY,
+            **extra,
+        }
+    )
+
+
 @pytest.fixture
 def redis_db_url(redis_server_url: str) -> Iterator[str]:
     with private_redis_db(redis_server_url) as url:
@@ -114,15 +128,7 @@ def test_every_public_task_sent_by_name_from_another_app(
     bob_token = gateway.tokenize_card(number="4242424242424242", exp_month=11, exp_year=2031, holder_name="Bob")
     bogus_token = "tok_NOT_A_REAL_TOKEN_e3b0c44298fc"
 
-    env = process_env(
-        {
-            "DATABASE_URL": pg_url,
-            "CELERY_BROKER_URL": redis_db_url,
-            "TPAGA_API_URL": sandbox.api_url,
-            "TPAGA_PRIVATE_KEY": DEFAULT_PRIVATE_KEY,
-            "TPAGA_PUBLIC_KEY": DEFAULT_PUBLIC_KEY,
-        }
-    )
+    env = worker_env(pg_url, redis_db_url, sandbox)
     with worker(env, tmp_path / "worker.log") as proc:
         proc.wait_for_log(r"ready\.")
         # (A worker checks its database connection before it says ready: nothing to warn about here.)
@@ -309,16 +315,7 @@ def test_a_batch_sent_by_name_is_charged_on_the_event_loop_and_the_worker_stops_
     with ctx.sessions() as s:
         invoice_ids = list(s.execute(select(Invoice.id).where(Invoice.subscription_id.in_(subs))).scalars())
 
-    env = process_env(
-        {
-            "DATABASE_URL": pg_url,
-            "CELERY_BROKER_URL": redis_db_url,
-            "TPAGA_API_URL": sandbox.api_url,
-            "TPAGA_PRIVATE_KEY": DEFAULT_PRIVATE_KEY,
-            "TPAGA_PUBLIC_KEY": DEFAULT_PUBLIC_KEY,
-            "BILLING_WORKER_POOL": pool,
-        }
-    )
+    env = worker_env(pg_url, redis_db_url, sandbox, BILLING_WORKER_POOL=pool)
     log = tmp_path / "worker.log"
     # (no --pool flag: the app's pool, from BILLING_WORKER_POOL, as `celery -A tasks worker` runs it)
     args = ["worker", "--loglevel", "INFO", "--concurrency", "2", "--without-mingle", "--without-gossip"]

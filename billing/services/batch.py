@@ -117,7 +117,7 @@ class GatewayPool:
 
     def run(self, fn: Callable[[T], Awaitable[R]], items: Sequence[T]) -> list[R]:
         """`fn` over `items` concurrently on the pool's event loop, results in order; blocks the caller until
-        all are done. `fn` should not raise (the first exception is raised here once every call has ended).
+        all are done. `fn` should not raise (an exception is raised here at once; the other calls go on).
 
         The calls start one loop iteration apart: between two starts the loop reads whatever answers have
         arrived, so an early answer that stops a batch (a 401) is seen before the rest of the wave leaves.
