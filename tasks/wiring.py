@@ -82,9 +82,9 @@ class Runtime:
         log at start rather than on billing day's first batch. Best effort: a database that is down now is not a
         reason to refuse to start; tasks connect (and retry) when they run.
 
-        The gateway threads are NOT started here: measured with two workers at 50 ms, a pool whose 300 threads
-        were all started up front billed 826 and 861 charges/s (medians of two rounds) against 1,162 and 985
-        for the same pool growing on demand (PERFORMANCE.md, "Memory")."""
+        The gateway pool's event loop is NOT started here: it starts on the first batch, in the process that
+        runs it (the threaded design measured that starting its gateway threads up front made a worker slower;
+        PERFORMANCE.md, "Memory")."""
         try:
             with self.context().sessions() as session:
                 session.execute(text("SELECT 1"))

@@ -52,7 +52,6 @@ _NOT_SENT: tuple[type[BaseException], ...] = (
     aiohttp.ClientHttpProxyError,  # the proxy refused the tunnel: nothing reached Tpaga
     aiohttp.InvalidURL,
 )
-_TIMEOUT: tuple[type[BaseException], ...] = (aiohttp.SocketTimeoutError, TimeoutError)
 
 
 def classify_aiohttp_error(error: BaseException) -> tuple[Verdict, str]:
@@ -60,14 +59,15 @@ def classify_aiohttp_error(error: BaseException) -> tuple[Verdict, str]:
     name = type(error).__name__
     if isinstance(error, _NOT_SENT):
         return "not_sent", name
-    if isinstance(error, _TIMEOUT):
+    if isinstance(error, TimeoutError):  # aiohttp's read timeout (SocketTimeoutError) is one
         return "timeout", name
     return "dropped", name
 
 
-def _ssl_context(api_url: str) -> ssl.SSLContext | None:
+def _ssl_context(api_url: str) -> ssl.SSLContext | bool:
+    """The TLS settings of the connector: certifi's bundle (or the one the environment names) for https."""
     if not api_url.startswith("https:"):
-        return None
+        return True  # aiohttp's default; no TLS is used for http
     bundle = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE")
     if not bundle:
         import certifi
@@ -97,7 +97,6 @@ class AsyncTransport:
         *,
         connect_timeout_seconds: float,
         read_timeout_seconds: float,
-        max_connections: int = 0,
     ) -> None:
         if connect_timeout_seconds <= 0 or read_timeout_seconds <= 0:
             raise ValueError("timeouts must be positive")
@@ -107,7 +106,6 @@ class AsyncTransport:
         )
         self._proxy: str | None = get_environ_proxies(self.api_url).get(self.api_url.split(":", 1)[0])
         self._ssl = _ssl_context(self.api_url)
-        self._max_connections = max_connections
         self._session: aiohttp.ClientSession | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
 
@@ -116,9 +114,8 @@ class AsyncTransport:
 
     def _client_session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
-            connector = aiohttp.TCPConnector(
-                limit=self._max_connections, limit_per_host=0, ssl=self._ssl if self._ssl is not None else True
-            )
+            # No connection limit of its own: the GatewayPool's slots bound the calls in flight.
+            connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, ssl=self._ssl)
             self._session = aiohttp.ClientSession(
                 connector=connector,
                 timeout=self._timeout,
