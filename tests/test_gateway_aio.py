@@ -308,14 +308,16 @@ def test_concurrent_charges_on_a_gateway_pool(stub: StubServer, client: TpagaCli
     pool = GatewayPool(4)
     try:
         first = pool.run(lambda i: charge_async(client, f"o-{i}"), list(range(10)))
-        connections = stub.connections
         second = pool.run(lambda i: charge_async(client, f"o-{i}"), list(range(10, 20)))
     finally:
         client.close()
         pool.shutdown()
     assert [c.approved for c in first + second] == [True] * 20
     assert sorted(r.json()["orderId"] for r in stub.received) == sorted(f"o-{i}" for i in range(20))
-    assert stub.connections == connections  # the second run reuses the loop's session and its connections
+    # At most 10 calls are in flight at once, so 10 connections serve both runs when the second run reuses the
+    # loop's session and its kept-alive connections. (How many of the 10 each run opens depends on how soon the
+    # first answers come back, so the count per run is not fixed.)
+    assert 1 <= stub.connections <= 10
 
 
 # --- the rate limiter -------------------------------------------------------------------------------------------
