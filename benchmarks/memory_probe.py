@@ -98,11 +98,12 @@ def main() -> int:
                 f" {last['objects']}, threads {first['threads']} -> {last['threads']}"
             )
             if args.trace:
-                a = tracemalloc.Snapshot.load(str(probes / "1.snapshot"))
-                b = tracemalloc.Snapshot.load(str(probes / f"{len(reports) - 1}.snapshot"))
-                print("traced Python memory growth by line (top 15):")
-                for stat in b.compare_to(a, "lineno")[:15]:
-                    print(f"  {stat}")
+                ready, warm = (tracemalloc.Snapshot.load(str(probes / f"{n}.snapshot")) for n in (0, 1))
+                last = tracemalloc.Snapshot.load(str(probes / f"{len(reports) - 1}.snapshot"))
+                for title, a, b in (("from ready to warm-up", ready, warm), ("from warm-up to the end", warm, last)):
+                    print(f"traced Python memory growth {title}, by line (top 15):")
+                    for stat in b.compare_to(a, "lineno")[:15]:
+                        print(f"  {stat}")
             bb.drop_database(DATABASE)
         finally:
             emulator.stop()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import json
 import pickle
 from datetime import datetime
@@ -9,6 +10,8 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from billing.domain.declines import DeclineClass
 from billing.gateway import (
@@ -482,6 +485,33 @@ def test_encode_json_writes_money_as_numbers() -> None:
     body = encode_json({"amount": Decimal("4500.50"), "installments": 1, "orderId": "o-1", "x": None, "b": True})
     assert body == b'{"amount":4500.50,"installments":1,"orderId":"o-1","x":null,"b":true}'
     assert json.loads(body, parse_float=Decimal)["amount"] == Decimal("4500.50")
+
+
+_TEXT = st.text(st.characters(blacklist_categories=("Cs",)))  # any text UTF-8 can carry
+_JSON_SCALARS = st.none() | st.booleans() | st.integers() | _TEXT
+_JSON_VALUES = st.recursive(
+    _JSON_SCALARS,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(_TEXT, inner, max_size=4),
+    max_leaves=12,
+)
+
+
+@given(st.dictionaries(_TEXT, _JSON_VALUES, max_size=6))
+def test_encode_json_writes_what_json_dumps_writes_for_everything_but_money(payload: dict[str, Any]) -> None:
+    # any text (quotes, backslashes, control characters, non-ASCII), ints, bools, nulls, nesting
+    expected = json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
+    assert encode_json(payload) == expected.encode("utf-8")
+
+
+def test_encode_json_writes_enums_by_value() -> None:
+    class Kind(enum.StrEnum):
+        CARD = "card"
+
+    class Count(enum.IntEnum):
+        ONE = 1
+
+    body = encode_json({Kind.CARD: Kind.CARD, "n": Count.ONE, "l": [Count.ONE, 'a"b']})
+    assert body == b'{"card":"card","n":1,"l":[1,"a\\"b"]}'
 
 
 def test_encode_json_refuses_floats_and_non_finite() -> None:

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from decimal import Decimal
+from json.encoder import encode_basestring
 
 JsonValue = str | int | bool | Decimal | None | Mapping[str, "JsonValue"] | Sequence["JsonValue"]
 
@@ -19,17 +19,26 @@ def decimal_literal(value: Decimal) -> str:
 
 
 def _encode(value: JsonValue) -> str:
+    # encode_basestring is json's own string encoder for ensure_ascii=False (C when available): one call per
+    # string, where json.dumps(..., ensure_ascii=False) would build a JSONEncoder for each one.
+    if isinstance(value, str):
+        return encode_basestring(value)
+    if value is None:
+        return "null"
+    if value is True:
+        return "true"
+    if value is False:
+        return "false"
     if isinstance(value, Decimal):
         return decimal_literal(value)
+    if isinstance(value, int):
+        return int.__repr__(value)  # an IntEnum as its number, as json.dumps writes it
     if isinstance(value, float):
         raise TypeError("floats are not allowed in request bodies; use Decimal or int")
-    if value is None or isinstance(value, str | bool | int):
-        return json.dumps(value, ensure_ascii=False)
     if isinstance(value, Mapping):
-        items = (f"{json.dumps(str(k), ensure_ascii=False)}:{_encode(v)}" for k, v in value.items())
-        return "{" + ",".join(items) + "}"
+        return "{" + ",".join([f"{encode_basestring(str(k))}:{_encode(v)}" for k, v in value.items()]) + "}"
     if isinstance(value, Sequence):
-        return "[" + ",".join(_encode(v) for v in value) + "]"
+        return "[" + ",".join([_encode(v) for v in value]) + "]"
     raise TypeError(f"cannot encode {type(value).__name__} as JSON")
 
 

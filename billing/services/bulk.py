@@ -18,7 +18,7 @@ compare-and-set as strict as a WHERE clause:
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from sqlalchemy import BigInteger, ColumnElement, any_, bindparam, select, update
@@ -84,11 +84,17 @@ def _pg_execute(session: Session, sql: str, params: list[Any]) -> list[tuple[Any
         return list(cursor.fetchall()) if cursor.description else []
 
 
-def _unnest(table: Any, columns: Sequence[str], rows: Sequence[dict[str, Any]]) -> tuple[str, list[Any]]:
-    """`unnest(%b::type[], ...) AS v(columns)` for the columns, and its parameters (one array per column)."""
-    arrays = ", ".join(f"%b::{_pg_type(table, c)}[]" for c in columns)
+def _unnest(
+    table: Any, columns: Sequence[str], rows: Sequence[dict[str, Any]], constants: Mapping[str, Any] | None = None
+) -> tuple[str, list[Any]]:
+    """`unnest(%b::type[], ...) AS v(columns, *constants)` and its parameters (one array per column):
+    `constants` are further columns with the same value in every row (no per-row copies of the rows)."""
+    constants = constants or {}
     params = [_pg_column([row[c] for row in rows]) for c in columns]
-    return f"unnest({arrays}) AS v({', '.join(columns)})", params
+    params += [_pg_column([value] * len(rows)) for value in constants.values()]
+    names = [*columns, *constants]
+    arrays = ", ".join(f"%b::{_pg_type(table, c)}[]" for c in names)
+    return f"unnest({arrays}) AS v({', '.join(names)})", params
 
 
 def update_rows(
@@ -151,10 +157,8 @@ def insert_rows(
             for c in table.columns
             if c.name not in columns and c.default is not None and (c.default.is_scalar or c.default.is_callable)
         }
-        if defaults:
-            rows = [{**row, **defaults} for row in rows]
-            columns += list(defaults)
-        source, params = _unnest(table, columns, rows)
+        source, params = _unnest(table, columns, rows, constants=defaults)
+        columns += list(defaults)
         sql = f"INSERT INTO {table.name} ({', '.join(columns)}) SELECT * FROM {source}"
         if on_conflict_do_nothing:
             target = f" ({', '.join(conflict_columns)})" if conflict_columns else ""
