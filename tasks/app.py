@@ -12,7 +12,7 @@ from billing.config import Settings
 from tasks import logs, monitor, resilience
 from tasks.base import BillingTask
 from tasks.config import TaskSettings, celery_config
-from tasks.wiring import Runtime
+from tasks.wiring import Runtime, tune_garbage_collector
 
 # Loads `.env` (without overriding the environment) and fails fast on a malformed setting.
 Settings.from_env()
@@ -43,10 +43,12 @@ def _warm_up_worker(sender: Any = None, **_: Any) -> None:
 
     if not isinstance(getattr(sender, "pool", None), PreforkPool):
         runtime.warm_up()
+        tune_garbage_collector()
 
 
 def _warm_up_pool_process(**_: Any) -> None:
     runtime.warm_up()
+    tune_garbage_collector()
 
 
 signals.worker_ready.connect(_warm_up_worker, weak=False)

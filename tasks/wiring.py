@@ -7,6 +7,7 @@ rebuilt after a fork: a prefork child must not reuse the parent's pooled connect
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import threading
@@ -26,6 +27,31 @@ if TYPE_CHECKING:
     from celery import Celery
 
 log = logging.getLogger("billing.tasks")
+
+
+# Collect the youngest generation every 10,000 net allocations of tracked objects instead of Python's 700.
+GC_YOUNG_THRESHOLD = 10_000
+
+
+def tune_garbage_collector() -> None:
+    """In a worker process that is about to run tasks (after its warm start): move everything loaded so far
+    (Celery, SQLAlchemy, the app, ~140,000 objects) to the collector's permanent generation, which full
+    collections no longer walk, and collect the youngest generation less often.
+
+    A billing burst keeps thousands of objects alive for a few hundred milliseconds each (a batch's rows, the
+    charges in flight), so with the defaults most collections walked live objects and promoted them: 7.8 s
+    of a worker's CPU per 40,000 charges went to the collector, 1.9 s with these settings (PERFORMANCE.md,
+    "What limits throughput now"). Memory is unaffected: a charge leaves no reference cycles to wait for a
+    collection. The same two calls Python's documentation recommends before a fork (`gc.freeze`)."""
+    gc.collect()
+    gc.freeze()
+    _, middle, oldest = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, middle, oldest)
+    log.info(
+        "garbage collector: %d objects of the warm start frozen; youngest generation collected every %d",
+        gc.get_freeze_count(),
+        GC_YOUNG_THRESHOLD,
+    )
 
 
 class CeleryPublisher:

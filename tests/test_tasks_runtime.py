@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
 import threading
 from pathlib import Path
 from types import SimpleNamespace
@@ -137,5 +139,22 @@ def test_a_real_worker_checks_its_database_before_it_says_ready_and_starts_anywa
         where = proc.wait_for_log(r"/(\w+)-?\d*\] warm start: no database connection yet \(OperationalError\)", 30)
         # (prefork: in the pool's child, whose connections are its own; not in the parent before the fork)
         assert where.group(1) == ("ForkPoolWorker" if pool == "prefork" else "MainProcess")
+        # and tunes the garbage collector in that same process, after the warm start
+        tuned = proc.wait_for_log(r"/(\w+)-?\d*\] garbage collector: (\d+) objects of the warm start frozen", 30)
+        assert tuned.group(1) == where.group(1) and int(tuned.group(2)) > 10_000
         assert f"({'prefork' if pool == 'prefork' else 'thread'})" in proc.log_text()  # the pool asked for
         assert "Traceback" not in proc.log_text()
+
+
+def test_tuning_the_garbage_collector_freezes_what_is_loaded_and_collects_the_young_less_often() -> None:
+    # In a process of its own: freezing this test process's objects would outlive the test.
+    script = (
+        "import gc, tasks.wiring as w; before = gc.get_threshold(); w.tune_garbage_collector();"
+        "print(gc.get_freeze_count(), *before, *gc.get_threshold())"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=process_env({}), check=True
+    )
+    frozen, *thresholds = (int(n) for n in done.stdout.split())
+    assert frozen > 10_000  # the imported app: Celery, SQLAlchemy, billing
+    assert thresholds == [700, 10, 10, wiring_module.GC_YOUNG_THRESHOLD, 10, 10]

@@ -39,7 +39,7 @@ from billing.gateway.operations import (
     Operation,
 )
 from billing.gateway.ratelimit import RateLimiter, acquire_async
-from billing.gateway.retry import RandomSource, build_async_retrying, build_retrying
+from billing.gateway.retry import RandomSource, build_async_retrying, build_retrying, end_call
 from billing.gateway.transport import BasicKeyAuth, Transport, default_session
 
 if TYPE_CHECKING:
@@ -477,12 +477,15 @@ class TpagaClient:
         retrying = build_async_retrying(
             CHARGE, attempts=self._retry_attempts, max_seconds=self._retry_max_seconds, rng=self._rng
         )
-        async for attempt in retrying:
-            with attempt:
-                if self._rate_limiter is not None:
-                    await acquire_async(self._rate_limiter, self._run_blocking)
-                raw = await transport.send(CHARGE, "charge/credit_card", auth=self._private_auth, body=body)
-                return map_response(CHARGE, raw.status, raw.payload)
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    if self._rate_limiter is not None:
+                        await acquire_async(self._rate_limiter, self._run_blocking)
+                    raw = await transport.send(CHARGE, "charge/credit_card", auth=self._private_auth, body=body)
+                    return map_response(CHARGE, raw.status, raw.payload)
+        finally:
+            end_call(retrying)
         raise AssertionError("unreachable: tenacity returns or raises")  # pragma: no cover
 
     def _run_blocking(self, fn: Callable[[], T]) -> asyncio.Future[T]:

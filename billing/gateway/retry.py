@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
@@ -65,6 +66,17 @@ def backoff_seconds(
         raise ValueError("attempt numbers start at 1")
     step = min(cap_seconds, base_seconds * 2.0 ** (attempt - 1))
     return step / 2 + step / 2 * rng.random()
+
+
+def end_call(retrying: AsyncRetrying) -> None:
+    """Drop a finished async call's controller state. AsyncRetrying keeps it where it points back at the
+    controller (its current RetryCallState; the thread-local with the statistics and pending actions): ~40
+    objects a call in reference cycles that only the garbage collector would free, and at a thousand charges
+    a second its collections cost a worker more CPU than the charges' JSON. Dropping the two references
+    frees them at once. (tenacity's private attributes: tests/test_gateway_aio.py checks that a charge leaves
+    no cycle. The sync Retrying keeps its call state in its iterator's frame and leaves none.)"""
+    vars(retrying).pop("_retry_state", None)
+    retrying._local = threading.local()
 
 
 def build_retrying(
