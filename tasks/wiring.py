@@ -48,7 +48,7 @@ def tune_garbage_collector() -> None:
     _, middle, oldest = gc.get_threshold()
     gc.set_threshold(GC_YOUNG_THRESHOLD, middle, oldest)
     log.info(
-        "garbage collector: %d objects of the warm start frozen; youngest generation collected every %d",
+        "garbage collector: %d objects loaded before the first task frozen; youngest generation collected every %d",
         gc.get_freeze_count(),
         GC_YOUNG_THRESHOLD,
     )

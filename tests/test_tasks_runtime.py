@@ -140,7 +140,9 @@ def test_a_real_worker_checks_its_database_before_it_says_ready_and_starts_anywa
         # (prefork: in the pool's child, whose connections are its own; not in the parent before the fork)
         assert where.group(1) == ("ForkPoolWorker" if pool == "prefork" else "MainProcess")
         # and tunes the garbage collector in that same process, after the warm start
-        tuned = proc.wait_for_log(r"/(\w+)-?\d*\] garbage collector: (\d+) objects of the warm start frozen", 30)
+        tuned = proc.wait_for_log(
+            r"/(\w+)-?\d*\] garbage collector: (\d+) objects loaded before the first task frozen", 30
+        )
         assert tuned.group(1) == where.group(1) and int(tuned.group(2)) > 10_000
         assert f"({'prefork' if pool == 'prefork' else 'thread'})" in proc.log_text()  # the pool asked for
         assert "Traceback" not in proc.log_text()
