@@ -158,5 +158,8 @@ def test_tuning_the_garbage_collector_freezes_what_is_loaded_and_collects_the_yo
         [sys.executable, "-c", script], capture_output=True, text=True, env=process_env({}), check=True
     )
     frozen, *thresholds = (int(n) for n in done.stdout.split())
+    before, after = thresholds[:3], thresholds[3:]
     assert frozen > 10_000  # the imported app: Celery, SQLAlchemy, billing
-    assert thresholds == [700, 10, 10, wiring_module.GC_YOUNG_THRESHOLD, 10, 10]
+    # the youngest generation's threshold is ours (Python's default is 700 on 3.11), the older two untouched
+    assert after == [wiring_module.GC_YOUNG_THRESHOLD, *before[1:]]
+    assert before[0] < wiring_module.GC_YOUNG_THRESHOLD
