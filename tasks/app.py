@@ -42,11 +42,11 @@ def _warm_up_worker(sender: Any = None, **_: Any) -> None:
     from celery.concurrency.prefork import TaskPool as PreforkPool
 
     if not isinstance(getattr(sender, "pool", None), PreforkPool):
-        runtime.warm_up()
-        tune_garbage_collector()
+        _warm_up_pool_process()
 
 
 def _warm_up_pool_process(**_: Any) -> None:
+    """Prepare the process that runs tasks: its warm start, then its garbage collector."""
     runtime.warm_up()
     tune_garbage_collector()
 

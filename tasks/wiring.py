@@ -41,8 +41,8 @@ def tune_garbage_collector() -> None:
     A billing burst keeps thousands of objects alive for a few hundred milliseconds each (a batch's rows, the
     charges in flight), so with the defaults most collections walked live objects and promoted them: 7.8 s
     of a worker's CPU per 40,000 charges went to the collector, 1.9 s with these settings (PERFORMANCE.md,
-    "What limits throughput now"). Memory is unaffected: a charge leaves no reference cycles to wait for a
-    collection. The same two calls Python's documentation recommends before a fork (`gc.freeze`)."""
+    "What limits throughput now"). Memory did not grow from it (PERFORMANCE.md, "Memory"): a charge leaves no
+    reference cycles to wait for a collection."""
     gc.collect()
     gc.freeze()
     _, middle, oldest = gc.get_threshold()
