@@ -13,7 +13,7 @@ from celery import Task
 from kombu.exceptions import ChannelError
 
 from billing.db import control
-from billing.services import invoicing, reconcile, refunds, tick
+from billing.services import invoicing, pause, reconcile, refunds
 from billing.services.context import Context
 from billing.services.outbox import relay_outbox as relay_outbox_service
 from tasks import config as names
@@ -121,9 +121,10 @@ def run_refunds(ctx: Context) -> dict[str, Any]:
 def reconcile_attempts(ctx: Context) -> dict[str, Any]:
     """Expire attempts whose worker died, settle unknown ones Tpaga can tell us about, and resume billing
     paused for bad credentials once they work again."""
+    # The probe first: a lookup that fails must not keep a paused billing from resuming.
+    resumed = pause.probe_gateway(ctx)
     stuck = reconcile.expire_stuck_attempts(ctx)
     lookups = reconcile.resolve_unknown_by_lookup(ctx)
-    resumed = tick.probe_gateway(ctx)
     return {"stuck": stuck, "lookups": lookups, "resumed": resumed}
 
 

@@ -11,7 +11,7 @@ from typing import Any
 
 from billing.db.models import ChargeAttempt
 from billing.gateway import errors as gw
-from billing.services import batch, catalog, charging, refunds, subscriptions
+from billing.services import catalog, charging, refunds, subscriptions
 from billing.services.errors import NotFound
 from tasks import config as names
 from tasks.app import runtime, task
@@ -21,14 +21,14 @@ from tasks.errors import GatewayError, TaskInputError, TransientError
 @task(names.CHARGE_INVOICE)
 def charge_invoice(*, invoice_id: int) -> dict[str, Any]:
     """Charge one open invoice now if it is due; idempotent (a paid invoice answers `already_paid`)."""
-    return charging.charge_invoice(runtime.context(), invoice_id).as_dict()
+    return charging.charge_invoice(runtime.context(), invoice_id, pool=runtime.gateway_pool()).as_dict()
 
 
 @task(names.CHARGE_INVOICES)
 def charge_invoices(*, invoice_ids: list[int]) -> dict[str, Any]:
     """Charge a batch of open invoices (1 to 1000 ids), those due now, with the calls to Tpaga concurrent;
     idempotent per invoice like charge_invoice. Returns how many invoices ended in each outcome."""
-    outcomes = batch.charge_invoices(runtime.context(), invoice_ids, pool=runtime.gateway_pool())
+    outcomes = charging.charge_invoices(runtime.context(), invoice_ids, pool=runtime.gateway_pool())
     return {"invoices": len(outcomes), "outcomes": dict(Counter(o.outcome for o in outcomes))}
 
 

@@ -19,7 +19,7 @@ from sqlalchemy import text
 from billing.bootstrap import build_context
 from billing.config import Settings
 from billing.db.engine import make_engine
-from billing.services.batch import GatewayPool
+from billing.gateway.pool import GatewayPool
 from billing.services.context import Context
 from tasks.config import DEFAULT, ROUTES, TaskSettings
 

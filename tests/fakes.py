@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import threading
 from collections import defaultdict
@@ -122,6 +123,15 @@ class FakeGateway:
             if not paid:
                 raise gw.DeclinedError("declined", charge=charge)
             return charge
+
+    async def charge_async(
+        self, *, card_id: str, amount: Decimal, currency: str, order_id: str, description: str | None = None
+    ) -> Charge:
+        """`charge` as the batch path calls it: a coroutine on the pool's event loop."""
+        await asyncio.sleep(0)
+        return self.charge(
+            card_id=card_id, amount=amount, currency=currency, order_id=order_id, description=description
+        )
 
     def get_charge(self, charge_id: str) -> Charge:
         self.calls["get_charge"] += 1

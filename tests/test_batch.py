@@ -14,8 +14,11 @@ from sqlalchemy import func, select, update
 
 from billing.db.models import Card, ChargeAttempt, Event, Invoice, OutboxMessage, Subscription
 from billing.gateway import errors as gw
+from billing.gateway.pool import GatewayPool
 from billing.services import charging
-from billing.services.batch import GatewayPool, charge_invoices
+from billing.services.charging import CallResult, charge_invoices
+from billing.services.charging import outcomes as charging_outcomes
+from billing.services.charging.claims import claim_invoices, mark_sending
 from billing.services.invoicing import open_due_invoices
 from billing.services.reconcile import expire_stuck_attempts
 from tests.fakes import FakeGateway
@@ -281,7 +284,7 @@ def test_a_worker_lost_after_claiming_a_batch_leaves_attempts_that_are_retried(w
     for _ in range(3):
         world.subscriber()
     ids = _open(world)
-    claims, _ = charging.claim_invoices(world.ctx, ids)  # ...and the worker died before marking them sending
+    claims, _ = claim_invoices(world.ctx, ids)  # ...and the worker died before marking them sending
     assert len(claims) == 3
     assert [o.outcome for o in charge_invoices(world.ctx, ids)] == ["not_scheduled"] * 3
     world.advance(minutes=6)
@@ -294,8 +297,8 @@ def test_a_worker_lost_while_a_batch_is_sending_leaves_unknown_attempts_in_revie
     for _ in range(2):
         world.subscriber()
     ids = _open(world)
-    claims, _ = charging.claim_invoices(world.ctx, ids)
-    sending, lost = charging.mark_sending(world.ctx, claims)  # ...and the worker died with them in flight
+    claims, _ = claim_invoices(world.ctx, ids)
+    sending, lost = mark_sending(world.ctx, claims)  # ...and the worker died with them in flight
     assert len(sending) == 2 and lost == []
     world.advance(minutes=6)
     assert expire_stuck_attempts(world.ctx) == {"not_sent": 0, "unknown": 2}
@@ -306,12 +309,20 @@ def test_a_worker_lost_while_a_batch_is_sending_leaves_unknown_attempts_in_revie
 def test_a_late_answer_after_the_lease_expired_still_wins(world: World):
     world.subscriber()
     ids = _open(world)
-    claims, _ = charging.claim_invoices(world.ctx, ids)
-    sending, _ = charging.mark_sending(world.ctx, claims)
+    claims, _ = claim_invoices(world.ctx, ids)
+    sending, _ = mark_sending(world.ctx, claims)
     world.advance(minutes=6)
     expire_stuck_attempts(world.ctx)
-    sent = [charging.call_gateway(world.ctx, claim) for claim in sending]
-    assert [o.outcome for o in charging.record_outcomes(world.ctx, sent)] == ["approved"]
+    sent = [
+        CallResult(
+            c,
+            charge=world.gateway.charge(
+                card_id=c.card_tpaga_id, amount=c.amount.major, currency=c.amount.currency, order_id=c.order_id
+            ),
+        )
+        for c in sending
+    ]
+    assert [o.outcome for o in charging_outcomes.record_outcomes(world.ctx, sent)] == ["approved"]
     assert _invoice(world, ids[0]).state == "paid"
 
 
@@ -519,15 +530,15 @@ def test_when_the_batch_transaction_fails_each_outcome_is_recorded_on_its_own(wo
     for _ in range(4):
         world.subscriber()
     ids = _open(world)
-    real = charging._record_approved
+    real = charging_outcomes.record_approvals
     poisoned = {ids[2]}
 
-    def record_approved(session: Any, now: Any, items: list[Any]) -> Any:
-        if any(item.claim.invoice_id in poisoned for item in items):
+    def record_approvals(ctx: Any, session: Any, now: Any, answers: list[Any]) -> Any:
+        if any(answer.invoice_id in poisoned for answer in answers):
             raise ValueError("a row this code cannot write")
-        return real(session, now, items)
+        return real(ctx, session, now, answers)
 
-    monkeypatch.setattr(charging, "_record_approved", record_approved)
+    monkeypatch.setattr(charging_outcomes, "record_approvals", record_approvals)
     outcomes = charge_invoices(world.ctx, ids)
     # the three others are recorded; the poisoned one stays `sending` for reconciliation to flag
     assert [o.outcome for o in outcomes] == ["approved", "approved", "unrecorded", "approved"]

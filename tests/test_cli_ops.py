@@ -248,7 +248,7 @@ def test_subscription_cancel_with_refund_of_the_last_charge(gw: Cli, sandbox: An
 
 
 def test_resume_lifts_a_pause(cli: Cli) -> None:
-    from billing.services.charging import pause_billing
+    from billing.services.pause import pause_billing
 
     assert "billing was not paused" in cli.ok("resume").output
     engine = make_engine(cli.env["DATABASE_URL"] or "")

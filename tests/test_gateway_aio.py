@@ -27,9 +27,9 @@ from aiohttp.client_reqrep import ConnectionKey
 
 from billing.gateway import Charge, DeclinedError, NotSentError, OutcomeUnknownError, TpagaClient, TpagaError
 from billing.gateway.aio import classify_aiohttp_error, close_transports
+from billing.gateway.pool import GatewayPool
 from billing.gateway.ratelimit import LocalRateLimiter
 from billing.gateway.transport import USER_AGENT
-from billing.services.batch import GatewayPool
 from tests.test_gateway_mapping import charge_json, declined, voided
 from tests.test_gateway_transport import (  # noqa: F401
     BAD_CHARGE_INPUTS,

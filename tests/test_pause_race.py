@@ -13,7 +13,7 @@ from sqlalchemy import func, select
 from billing.db import control, migrate
 from billing.db.engine import make_engine, make_session_factory
 from billing.db.models import Event
-from billing.services.charging import pause_billing
+from billing.services.pause import pause_billing
 
 NOW = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 

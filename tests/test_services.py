@@ -16,9 +16,10 @@ from billing.db.models import Base, Card, ChargeAttempt, Invoice, OutboxMessage,
 from billing.domain.dunning import DunningPolicy
 from billing.domain.money import Money
 from billing.services import catalog, reports
-from billing.services.charging import charge_invoice, resume_billing
+from billing.services.charging import charge_invoice
 from billing.services.context import Context
 from billing.services.errors import InvalidRequest, NotFound
+from billing.services.pause import resume_billing
 from billing.services.reconcile import expire_stuck_attempts, resolve_review, review_queue
 from billing.services.refunds import execute_refund, request_refund
 from billing.services.subscriptions import cancel_subscription
@@ -302,15 +303,13 @@ def test_a_9999_answer_with_a_charge_id_is_settled_by_lookup(world: World):
 
 def test_a_worker_lost_while_sending_leaves_an_unknown_attempt_in_review(world: World):
     sub_id = world.subscriber()
-    from billing.services import charging
+    from billing.services.charging import claims
     from billing.services.invoicing import open_due_invoices
 
     open_due_invoices(world.ctx)
     invoice_id = world.invoices(sub_id)[0].id
-    claim = charging._claim(world.ctx, invoice_id)  # the worker committed the attempt...
-    assert not isinstance(claim, charging.ChargeOutcome)
-    with world.ctx.unit_of_work() as s:  # ...marked it sending, and died before recording the outcome
-        charging._cas(s, ChargeAttempt, claim.attempt_id, ("pending",), state="sending")
+    (claim,), _ = claims.claim_invoices(world.ctx, [invoice_id])  # the worker committed the attempt...
+    claims.mark_sending(world.ctx, [claim])  # ...marked it sending, and died before recording the outcome
     assert charge_invoice(world.ctx, invoice_id).outcome == "not_scheduled"
     world.advance(minutes=6)
     assert expire_stuck_attempts(world.ctx) == {"not_sent": 0, "unknown": 1}
@@ -320,12 +319,12 @@ def test_a_worker_lost_while_sending_leaves_an_unknown_attempt_in_review(world: 
 
 def test_a_worker_lost_before_sending_lets_the_invoice_be_charged_again(world: World):
     sub_id = world.subscriber()
-    from billing.services import charging
+    from billing.services.charging import claims
     from billing.services.invoicing import open_due_invoices
 
     open_due_invoices(world.ctx)
     invoice_id = world.invoices(sub_id)[0].id
-    charging._claim(world.ctx, invoice_id)
+    claims.claim_invoices(world.ctx, [invoice_id])
     world.advance(minutes=6)
     world.tick()
     (invoice,) = world.invoices(sub_id)

@@ -246,7 +246,7 @@ def refund(invoice_id: int, reason: str, as_json: bool, database_url: str | None
 @handle_errors
 def resume(database_url: str | None) -> None:
     """Lift a billing pause (set after Tpaga rejected the API key or a merchant-configuration decline)."""
-    from billing.services.charging import resume_billing
+    from billing.services.pause import resume_billing
 
     with open_context(load_settings(database_url)) as ctx:
         lifted = resume_billing(ctx)

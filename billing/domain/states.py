@@ -30,6 +30,9 @@ class AttemptState(StrEnum):
     DECLINED = "declined"
     UNKNOWN = "unknown"  # may or may not have charged
     NOT_SENT = "not_sent"  # provably never reached the gateway
+    # approved by Tpaga while another attempt of the same invoice was already approved: voided automatically
+    # inside the void window (a refund row), flagged for an operator past it
+    DUPLICATE = "duplicate"
 
 
 class RefundState(StrEnum):
@@ -46,18 +49,32 @@ class CardStatus(StrEnum):
     UNUSABLE = "unusable"  # hard decline or failed validation: never charge again
 
 
-TERMINAL_ATTEMPT_STATES = frozenset({AttemptState.APPROVED, AttemptState.DECLINED, AttemptState.NOT_SENT})
+TERMINAL_ATTEMPT_STATES = frozenset(
+    {AttemptState.APPROVED, AttemptState.DECLINED, AttemptState.NOT_SENT, AttemptState.DUPLICATE}
+)
 
+# Every state write goes through these tables (billing.db.cas): a change not listed here is refused.
 ATTEMPT_TRANSITIONS: dict[AttemptState, frozenset[AttemptState]] = {
     AttemptState.PENDING: frozenset({AttemptState.SENDING, AttemptState.NOT_SENT}),
     AttemptState.SENDING: frozenset(
-        {AttemptState.APPROVED, AttemptState.DECLINED, AttemptState.UNKNOWN, AttemptState.NOT_SENT}
+        {
+            AttemptState.APPROVED,
+            AttemptState.DECLINED,
+            AttemptState.UNKNOWN,
+            AttemptState.NOT_SENT,
+            AttemptState.DUPLICATE,
+        }
     ),
     # an unknown attempt is resolved by a lookup or an operator
-    AttemptState.UNKNOWN: frozenset({AttemptState.APPROVED, AttemptState.DECLINED, AttemptState.NOT_SENT}),
+    AttemptState.UNKNOWN: frozenset(
+        {AttemptState.APPROVED, AttemptState.DECLINED, AttemptState.NOT_SENT, AttemptState.DUPLICATE}
+    ),
     AttemptState.APPROVED: frozenset(),
     AttemptState.DECLINED: frozenset(),
-    AttemptState.NOT_SENT: frozenset(),
+    # Tpaga's late answer for an attempt that reconciliation or an operator had settled as not charged: the
+    # answer is the truth (recorded, and flagged; a second approval of the invoice is a duplicate).
+    AttemptState.NOT_SENT: frozenset({AttemptState.APPROVED, AttemptState.DECLINED, AttemptState.DUPLICATE}),
+    AttemptState.DUPLICATE: frozenset(),
 }
 
 INVOICE_TRANSITIONS: dict[InvoiceState, frozenset[InvoiceState]] = {
@@ -66,8 +83,38 @@ INVOICE_TRANSITIONS: dict[InvoiceState, frozenset[InvoiceState]] = {
     ),
     InvoiceState.REVIEW: frozenset({InvoiceState.PAID, InvoiceState.OPEN, InvoiceState.UNCOLLECTIBLE}),
     InvoiceState.PAID: frozenset(),
-    InvoiceState.UNCOLLECTIBLE: frozenset(),
+    # a late approval of an invoice dunning had given up on: the customer did pay
+    InvoiceState.UNCOLLECTIBLE: frozenset({InvoiceState.PAID}),
     InvoiceState.VOID: frozenset(),
+}
+
+SUBSCRIPTION_TRANSITIONS: dict[SubscriptionStatus, frozenset[SubscriptionStatus]] = {
+    SubscriptionStatus.TRIALING: frozenset(
+        {SubscriptionStatus.ACTIVE, SubscriptionStatus.PAST_DUE, SubscriptionStatus.UNPAID, SubscriptionStatus.CANCELED}
+    ),
+    SubscriptionStatus.ACTIVE: frozenset(
+        {SubscriptionStatus.PAST_DUE, SubscriptionStatus.UNPAID, SubscriptionStatus.CANCELED}
+    ),
+    SubscriptionStatus.PAST_DUE: frozenset(
+        {SubscriptionStatus.ACTIVE, SubscriptionStatus.UNPAID, SubscriptionStatus.CANCELED}
+    ),
+    SubscriptionStatus.UNPAID: frozenset({SubscriptionStatus.CANCELED}),
+    SubscriptionStatus.CANCELED: frozenset(),
+}
+
+REFUND_TRANSITIONS: dict[RefundState, frozenset[RefundState]] = {
+    RefundState.REQUESTED: frozenset({RefundState.SENDING, RefundState.EXPIRED}),
+    # back to requested: the void provably never reached Tpaga and is tried again
+    RefundState.SENDING: frozenset(
+        {RefundState.VOIDED, RefundState.REJECTED, RefundState.REQUESTED, RefundState.UNKNOWN}
+    ),
+    # a void is idempotent at Tpaga: an unknown one is sent again, or settled by a lookup of the charge
+    RefundState.UNKNOWN: frozenset(
+        {RefundState.SENDING, RefundState.VOIDED, RefundState.REJECTED, RefundState.EXPIRED}
+    ),
+    RefundState.VOIDED: frozenset(),
+    RefundState.REJECTED: frozenset(),
+    RefundState.EXPIRED: frozenset(),
 }
 
 
@@ -77,3 +124,8 @@ S = TypeVar("S", bound=StrEnum)
 def can_transition(table: Mapping[S, frozenset[S]], old: S, new: S) -> bool:
     """True when `old -> new` is an allowed change in `table`."""
     return new in table.get(old, frozenset())
+
+
+def sources(table: Mapping[S, frozenset[S]], new: S) -> tuple[S, ...]:
+    """Every state from which `table` allows a change to `new`, in the table's order."""
+    return tuple(old for old, targets in table.items() if new in targets)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from billing.clock import Clock
 from billing.db.models import OutboxMessage
 from billing.domain.dunning import DunningPolicy
+from billing.gateway.models import Charge, CreditCard, Customer
 
 log = logging.getLogger("billing.services")
 
@@ -23,7 +24,7 @@ OUTBOX_KEY = "billing.outbox_ids"
 
 
 class Gateway(Protocol):
-    """The subset of `billing.gateway.TpagaClient` the services use (a fake implements it in tests)."""
+    """What the services use of `billing.gateway.TpagaClient`; `tests.fakes.FakeGateway` implements all of it."""
 
     def create_customer(
         self,
@@ -32,13 +33,16 @@ class Gateway(Protocol):
         last_name: str | None = None,
         email: str | None = None,
         merchant_customer_id: str | None = None,
-    ) -> Any: ...
-    def associate_card(self, customer_id: str, temp_token: str) -> Any: ...
+    ) -> Customer: ...
+    def associate_card(self, customer_id: str, temp_token: str) -> CreditCard: ...
     def charge(
         self, *, card_id: str, amount: Decimal, currency: str, order_id: str, description: str | None = None
-    ) -> Any: ...
-    def get_charge(self, charge_id: str) -> Any: ...
-    def refund(self, charge_id: str) -> Any: ...
+    ) -> Charge: ...
+    async def charge_async(
+        self, *, card_id: str, amount: Decimal, currency: str, order_id: str, description: str | None = None
+    ) -> Charge: ...
+    def get_charge(self, charge_id: str) -> Charge: ...
+    def refund(self, charge_id: str) -> Charge: ...
 
 
 class Publisher(Protocol):
@@ -67,7 +71,6 @@ class Context:
     sending_lease: timedelta = timedelta(minutes=5)
     not_sent_backoff: timedelta = timedelta(seconds=60)
     publisher: Publisher | None = None
-    on_commit_hooks: list[Callable[[], None]] = field(default_factory=list)
 
     @contextmanager
     def unit_of_work(self) -> Iterator[Session]:

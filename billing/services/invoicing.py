@@ -17,10 +17,10 @@ from typing import Any
 from sqlalchemy import Select, select
 from sqlalchemy.orm import Session
 
+from billing.db import bulk
 from billing.db.models import Event, Invoice, Plan, Subscription
 from billing.domain.periods import Interval, due_period_indexes, period_at, period_boundary
 from billing.domain.states import InvoiceState, SubscriptionStatus
-from billing.services import bulk
 from billing.services.context import Context, enqueue
 
 # Catch-up after long downtime is bounded per pass so one subscription cannot hold a transaction forever.

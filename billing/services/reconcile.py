@@ -10,11 +10,9 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from billing.db.models import ChargeAttempt, Invoice
-from billing.domain.declines import DeclineClass, classify
 from billing.domain.states import AttemptState, InvoiceState
 from billing.gateway import errors as gw
-from billing.services import events
-from billing.services.charging import _cas, apply_decline, mark_invoice_paid, mark_unknown
+from billing.services.charging.outcomes import abandon_unsent, mark_unknown, resolve_not_charged, settle_from_charge
 from billing.services.context import Context
 from billing.services.errors import InvalidRequest, NotFound
 
@@ -36,18 +34,7 @@ def expire_stuck_attempts(ctx: Context, limit: int = 500) -> dict[str, int]:
         ).all()
         for attempt_id, invoice_id, state in rows:
             if state == AttemptState.PENDING:
-                if _cas(
-                    session,
-                    ChargeAttempt,
-                    attempt_id,
-                    (AttemptState.PENDING,),
-                    state=AttemptState.NOT_SENT,
-                    error_message="worker lost before sending",
-                    finished_at=now,
-                    lease_expires_at=None,
-                ):
-                    _cas(session, Invoice, invoice_id, (InvoiceState.OPEN,), due_at=now, updated_at=now)
-                    events.record(session, now, "attempt.abandoned", invoice_id=invoice_id, attempt_id=attempt_id)
+                if abandon_unsent(session, now, invoice_id, attempt_id):
                     counts["not_sent"] += 1
             elif mark_unknown(session, now, invoice_id, attempt_id, "lease_expired", None, None):
                 counts["unknown"] += 1
@@ -70,78 +57,13 @@ def resolve_unknown_by_lookup(ctx: Context, limit: int = 100) -> dict[str, int]:
             log.info("lookup of attempt %s failed: %s", attempt_id, type(exc).__name__)
             counts["still_unknown"] += 1
             continue
-        outcome = settle_from_charge(ctx, invoice_id, attempt_id, charge, by="lookup")
+        try:
+            outcome = settle_from_charge(ctx, invoice_id, attempt_id, charge, by="lookup")
+        except Exception as exc:  # one bad item never stops the sweep: the others are settled all the same
+            log.error("ALERT settling attempt %s from its lookup failed (%s)", attempt_id, type(exc).__name__)
+            outcome = "failed"
         counts[outcome] = counts.get(outcome, 0) + 1
     return counts
-
-
-def settle_from_charge(ctx: Context, invoice_id: int, attempt_id: int, charge: Any, *, by: str) -> str:
-    """Apply what Tpaga says about a charge to an unknown attempt."""
-    now = ctx.clock.now()
-    code = charge.error_code
-    klass = classify(code)
-    with ctx.unit_of_work() as session:
-        if charge.paid and klass == DeclineClass.APPROVED:
-            if not _cas(
-                session,
-                ChargeAttempt,
-                attempt_id,
-                (AttemptState.UNKNOWN,),
-                state=AttemptState.APPROVED,
-                tpaga_charge_id=charge.id,
-                error_code=code,
-                decline_class=DeclineClass.APPROVED,
-                authorization_code=charge.authorization_code,
-                approved_at=now,
-                finished_at=now,
-            ):
-                return "still_unknown"
-            mark_invoice_paid(session, now, invoice_id, attempt_id)
-            events.record(
-                session,
-                now,
-                "attempt.resolved",
-                invoice_id=invoice_id,
-                attempt_id=attempt_id,
-                outcome="approved",
-                by=by,
-            )
-            return "approved"
-        if klass == DeclineClass.UNKNOWN:
-            return "still_unknown"
-        if not _cas(
-            session,
-            ChargeAttempt,
-            attempt_id,
-            (AttemptState.UNKNOWN,),
-            state=AttemptState.DECLINED,
-            tpaga_charge_id=charge.id,
-            error_code=code,
-            decline_class=klass,
-            finished_at=now,
-        ):
-            return "still_unknown"
-        # The invoice leaves review so that dunning can act on the decline.
-        _cas(
-            session,
-            Invoice,
-            invoice_id,
-            (InvoiceState.REVIEW,),
-            state=InvoiceState.OPEN,
-            review_reason=None,
-            updated_at=now,
-        )
-        apply_decline(ctx, session, now, invoice_id, attempt_id, code, klass)
-        events.record(
-            session,
-            now,
-            "attempt.resolved",
-            invoice_id=invoice_id,
-            attempt_id=attempt_id,
-            outcome="declined",
-            by=by,
-        )
-        return "declined"
 
 
 def review_queue(session: Session, limit: int = 100) -> list[dict[str, Any]]:
@@ -201,35 +123,8 @@ def resolve_review(ctx: Context, *, invoice_id: int, charged: bool, tpaga_charge
         return settle_from_charge(ctx, invoice_id, attempt.id, charge, by="operator")
     now = ctx.clock.now()
     with ctx.unit_of_work() as session:
-        if attempt is not None:
-            _cas(
-                session,
-                ChargeAttempt,
-                attempt.id,
-                (AttemptState.UNKNOWN,),
-                state=AttemptState.NOT_SENT,
-                error_message="operator: not charged",
-                finished_at=now,
-            )
-        # Dunning resumes where it was: the next try is now, and no customer attempt was spent.
-        _cas(
-            session,
-            Invoice,
-            invoice_id,
-            (InvoiceState.REVIEW,),
-            state=InvoiceState.OPEN,
-            due_at=now,
-            review_reason=None,
-            updated_at=now,
-        )
-        events.record(
-            session,
-            now,
-            "review.resolved",
-            invoice_id=invoice_id,
-            attempt_id=attempt.id if attempt else None,
-            charged=False,
-        )
+        if not resolve_not_charged(session, now, invoice_id, attempt.id if attempt else None):
+            raise InvalidRequest(f"invoice {invoice_id} was settled meanwhile; nothing changed")
     return "not_charged"
 
 

@@ -16,11 +16,13 @@ from billing.domain.refunds import refund_deadline
 from billing.domain.states import AttemptState, RefundState
 from billing.gateway import errors as gw
 from billing.services import events
-from billing.services.charging import pause_billing
 from billing.services.context import Context, enqueue
 from billing.services.errors import InvalidRequest, NotFound
+from billing.services.pause import PauseReason, pause_billing
 
 log = logging.getLogger("billing.refunds")
+
+EXECUTE_REFUND = "billing.execute_refund"
 
 
 @dataclass(frozen=True)
@@ -44,7 +46,11 @@ def request_refund(ctx: Context, *, invoice_id: int, reason: str) -> RefundOutco
     except IntegrityError:
         # A concurrent request for the same charge won the unique constraint: return its refund.
         with ctx.sessions() as session:
-            refund = session.execute(select(Refund).where(Refund.invoice_id == invoice_id)).scalar_one()
+            refund = session.execute(
+                select(Refund)
+                .join(ChargeAttempt, ChargeAttempt.id == Refund.charge_attempt_id)
+                .where(Refund.invoice_id == invoice_id, ChargeAttempt.state == AttemptState.APPROVED)
+            ).scalar_one()
             return RefundOutcome(refund.id, refund.state)
 
 
@@ -59,14 +65,22 @@ def _request(ctx: Context, session: Session, now: datetime, invoice_id: int, rea
     ).scalar_one_or_none()
     if attempt is None:
         raise InvalidRequest(f"invoice {invoice_id} has no approved charge to refund")
-    existing = session.execute(select(Refund).where(Refund.charge_attempt_id == attempt.id)).scalar_one_or_none()
+    approved_at = attempt.approved_at or attempt.finished_at or now
+    return open_refund(ctx, session, now, attempt.id, invoice_id, approved_at, reason)
+
+
+def open_refund(
+    ctx: Context, session: Session, now: datetime, attempt_id: int, invoice_id: int, approved_at: datetime, reason: str
+) -> RefundOutcome:
+    """The refund of one approved charge, in the caller's transaction: the existing one if there is one,
+    else requested (and its execution enqueued) inside the void window, or expired past it."""
+    existing = session.execute(select(Refund).where(Refund.charge_attempt_id == attempt_id)).scalar_one_or_none()
     if existing is not None:
         return RefundOutcome(existing.id, existing.state)
-    approved_at = attempt.approved_at or attempt.finished_at or now
     deadline = refund_deadline(approved_at, ctx.refund_window, ctx.timezone) - ctx.refund_safety_margin
     expired = now >= deadline
     refund = Refund(
-        charge_attempt_id=attempt.id,
+        charge_attempt_id=attempt_id,
         invoice_id=invoice_id,
         reason=reason,
         state=RefundState.EXPIRED if expired else RefundState.REQUESTED,
@@ -82,12 +96,30 @@ def _request(ctx: Context, session: Session, now: datetime, invoice_id: int, rea
         now,
         "refund.expired" if expired else "refund.requested",
         invoice_id=invoice_id,
-        attempt_id=attempt.id,
+        attempt_id=attempt_id,
         refund_id=refund.id,
     )
     if not expired:
-        enqueue(session, now, "billing.execute_refund", refund_id=refund.id)
+        enqueue(session, now, EXECUTE_REFUND, refund_id=refund.id)
     return RefundOutcome(refund.id, refund.state, created=True)
+
+
+def record_voided_at_gateway(session: Session, now: datetime, attempt_id: int, invoice_id: int) -> None:
+    """A charge a lookup found already voided at Tpaga (by someone else): its refund, recorded as done."""
+    if session.execute(select(Refund.id).where(Refund.charge_attempt_id == attempt_id)).first() is not None:
+        return
+    refund = Refund(
+        charge_attempt_id=attempt_id,
+        invoice_id=invoice_id,
+        reason="voided at Tpaga before this system learned of the charge",
+        state=RefundState.VOIDED,
+        deadline_at=now,
+        requested_at=now,
+        finished_at=now,
+    )
+    session.add(refund)
+    session.flush()
+    events.record(session, now, "refund.voided", invoice_id=invoice_id, attempt_id=attempt_id, refund_id=refund.id)
 
 
 def _cas_refund(session: Session, refund_id: int, states: tuple[str, ...], **values: Any) -> bool:
@@ -154,7 +186,7 @@ def execute_refund(ctx: Context, refund_id: int) -> RefundOutcome:
             finished_at=now if done else None,
         )
         if pause:
-            pause_billing(session, now, "unauthorized", None)
+            pause_billing(session, now, PauseReason.UNAUTHORIZED, None)
         events.record(session, now, f"refund.{state}", refund_id=refund_id, http_status=status)
     return RefundOutcome(refund_id, state)
 

@@ -8,33 +8,15 @@ from typing import Any
 
 from sqlalchemy import select, update
 
-from billing.db import control
 from billing.db.models import OutboxMessage
-from billing.gateway import errors as gw
 from billing.services import refunds
-from billing.services.charging import charge_invoice, resume_billing
+from billing.services.charging import charge_invoice
 from billing.services.context import Context
 from billing.services.invoicing import open_due_invoices
+from billing.services.pause import probe_gateway
 from billing.services.reconcile import due_invoice_ids, expire_stuck_attempts, resolve_unknown_by_lookup
 
 log = logging.getLogger("billing.tick")
-
-
-def probe_gateway(ctx: Context) -> bool:
-    """While billing is paused for bad credentials, check them with a harmless GET; resume when they work."""
-    with ctx.sessions() as session:
-        pause = control.get_pause(session)
-    if pause is None or pause.get("reason") != "unauthorized":
-        return False
-    try:
-        ctx.gateway.get_charge("credential-probe")
-    except gw.UnauthorizedError:
-        return False
-    except gw.NotFoundError:
-        pass  # authenticated: the id simply does not exist
-    except gw.TpagaError:
-        return False
-    return resume_billing(ctx)
 
 
 def charge_due(ctx: Context, *, threads: int = 8, limit: int = 1000) -> dict[str, int]:

@@ -1,0 +1,537 @@
+"""Phase 4 of a charge, and every later settlement of an attempt: the only module that writes an attempt's
+final state. The pipeline's answers, reconciliation's lookups and the operator's review all come here.
+
+Each write is a checked transition (billing.db.cas): the effects on other rows (invoice paid, dunning, the
+events) follow only the attempts that moved, so a redelivered or re-run record (a lost COMMIT acknowledgement)
+changes nothing twice. An answer that arrives after the attempt was settled elsewhere is recorded all the same
+and flagged; an approval that would be the invoice's second becomes a `duplicate`, voided automatically.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, TypeVar
+
+from sqlalchemy import select
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session
+
+from billing.db import bulk, cas
+from billing.db.models import ChargeAttempt, Invoice
+from billing.domain.declines import DeclineClass, classify
+from billing.domain.states import AttemptState, InvoiceState
+from billing.gateway import errors as gw
+from billing.gateway.models import Charge
+from billing.services import events, refunds
+from billing.services.charging.attempts import CallResult, ChargeOutcome, Claim, HeldBack, Outcome
+from billing.services.charging.dunning import apply_declines, settle_subscriptions
+from billing.services.context import Context
+from billing.services.pause import PauseReason, pause_billing
+
+log = logging.getLogger("billing.charging")
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What Tpaga said about one attempt, whichever way it reached us (the call, a lookup, an operator)."""
+
+    invoice_id: int
+    attempt_id: int
+    charge_id: str | None
+    error_code: str
+    decline_class: DeclineClass
+    error_message: str | None = None
+    authorization_code: str | None = None
+    http_status: int | None = None
+    approved_at: datetime | None = None
+
+    @classmethod
+    def of_charge(cls, invoice_id: int, attempt_id: int, charge: Charge, *, http_status: int | None) -> Answer:
+        return cls(
+            invoice_id,
+            attempt_id,
+            charge.id,
+            charge.error_code,
+            DeclineClass.APPROVED if charge.paid else classify(charge.error_code),
+            charge.error_message,
+            charge.authorization_code,
+            http_status,
+            charge.date_created,
+        )
+
+
+def record_outcomes(ctx: Context, sent: Sequence[CallResult]) -> list[ChargeOutcome]:
+    """Last commit: every outcome in one transaction, retried through database blips (the calls are made).
+
+    If that transaction fails for another reason (a constraint, a bug), each outcome is recorded in its own
+    transaction, so that one bad row does not send every charge of the batch to the review queue; an outcome
+    that still cannot be recorded is `unrecorded` (its attempt stays `sending`, and reconciliation flags it).
+    """
+    if not sent:
+        return []
+    try:
+        return _with_db_retry(_record_all, ctx, sent)
+    except OperationalError:
+        raise  # the database is unreachable: one transaction per outcome would fail the same way
+    except Exception as exc:
+        if len(sent) == 1:
+            raise
+        log.error("recording %d outcomes in one transaction failed (%s); one by one", len(sent), type(exc).__name__)
+    outcomes = []
+    for item in sent:
+        try:
+            outcomes.extend(_with_db_retry(_record_all, ctx, [item]))
+        except OperationalError:
+            raise
+        except Exception as exc:
+            log.error(
+                "ALERT recording attempt %s failed (%s): it stays sending until reconciliation",
+                item.claim.attempt_id,
+                type(exc).__name__,
+            )
+            outcomes.append(ChargeOutcome(item.claim.invoice_id, Outcome.UNRECORDED, item.claim.attempt_id))
+    return outcomes
+
+
+def _record_all(ctx: Context, sent: Sequence[CallResult]) -> list[ChargeOutcome]:
+    now = ctx.clock.now()
+    with ctx.unit_of_work() as session:
+        return record_in(ctx, session, now, sent)
+
+
+def _with_db_retry(record: Callable[..., T], *args: Any, attempts: int = 5) -> T:
+    """Recording an outcome must survive a database blip: the gateway call cannot be taken back. A re-run after
+    a commit whose acknowledgement was lost finds its transitions made and applies nothing twice."""
+    delay = 0.2
+    for attempt in range(1, attempts + 1):
+        try:
+            return record(*args)
+        except OperationalError:
+            if attempt == attempts:
+                raise  # the lease expires and reconciliation flags the attempt as unknown
+            log.warning("recording a charge outcome failed (attempt %d); retrying", attempt)
+            time.sleep(delay)
+            delay *= 2
+    raise AssertionError("unreachable")
+
+
+def record_in(ctx: Context, session: Session, now: datetime, sent: Sequence[CallResult]) -> list[ChargeOutcome]:
+    """Apply the outcomes of the given calls in the caller's transaction; returns them in the same order."""
+    approved: list[Answer] = []
+    declined: list[Answer] = []
+    outcomes: dict[int, ChargeOutcome] = {}
+    for item in sent:
+        claim, exc = item.claim, item.error
+        if exc is None and item.charge is not None:
+            approved.append(Answer.of_charge(claim.invoice_id, claim.attempt_id, item.charge, http_status=201))
+            approved[-1] = _answered_now(approved[-1], now)
+        elif isinstance(exc, gw.DeclinedError):
+            declined.append(_decline_answer(claim, exc))
+    # Declines first: a merchant-class decline records its pause (with its errorCode) before the calls the
+    # batch held back because of it record theirs.
+    decided = record_declines(ctx, session, now, declined)
+    decided.update(record_approvals(ctx, session, now, approved))
+    for answer in [*declined, *approved]:
+        kind = Outcome.DECLINED if answer.decline_class != DeclineClass.APPROVED else Outcome.APPROVED
+        outcomes[answer.attempt_id] = ChargeOutcome(
+            answer.invoice_id, decided.get(answer.attempt_id, kind), answer.attempt_id, answer.error_code
+        )
+    for item in sent:
+        claim, exc = item.claim, item.error
+        if claim.attempt_id in outcomes:
+            continue
+        if isinstance(exc, HeldBack):
+            outcomes[claim.attempt_id] = _record_not_sent(ctx, session, now, claim, exc, exc.pause)
+        elif isinstance(exc, gw.NotSentError):
+            outcomes[claim.attempt_id] = _record_not_sent(ctx, session, now, claim, exc, None)
+        elif isinstance(exc, gw.UnauthorizedError):
+            outcomes[claim.attempt_id] = _record_not_sent(ctx, session, now, claim, exc, PauseReason.UNAUTHORIZED)
+        elif isinstance(exc, gw.ValidationError | gw.NotFoundError):
+            # Tpaga refused the request itself (no charge made): an operator must look at the stored card.
+            outcomes[claim.attempt_id] = _record_rejected(session, now, claim, exc)
+        else:  # OutcomeUnknownError and anything unexpected: may have charged
+            outcomes[claim.attempt_id] = _record_unknown(session, now, claim, exc or ValueError("no answer"))
+    return [outcomes[item.claim.attempt_id] for item in sent]
+
+
+def _answered_now(answer: Answer, now: datetime) -> Answer:
+    """The call's own answer: approved now (Tpaga's clock may differ from ours; the safety margin covers the
+    latency between its approval and our recording)."""
+    return Answer(**{**answer.__dict__, "approved_at": now})
+
+
+def _decline_answer(claim: Claim, exc: gw.DeclinedError) -> Answer:
+    charge = exc.charge
+    return Answer(
+        claim.invoice_id,
+        claim.attempt_id,
+        getattr(charge, "id", None),
+        exc.error_code,
+        DeclineClass(exc.decline_class),
+        getattr(charge, "error_message", None),
+        None,
+        exc.http_status,
+    )
+
+
+def record_approvals(ctx: Context, session: Session, now: datetime, answers: list[Answer]) -> dict[int, Outcome]:
+    """Approved answers: the attempt is approved and its invoice paid, unless the invoice already has an
+    approved attempt, in which case this one is a duplicate and is voided. Returns the outcome of every
+    attempt that is not plainly approved."""
+    if not answers:
+        return {}
+    dialect = bulk.dialect_of(session)
+    # Lock the invoices first: two answers for one invoice (a late one and its retry's) are decided in turn.
+    invoices = bulk.lock_rows(session, Invoice, [a.invoice_id for a in answers], "state", "subscription_id")
+    already = dict(
+        session.execute(
+            select(ChargeAttempt.invoice_id, ChargeAttempt.id).where(
+                bulk.id_in(ChargeAttempt.invoice_id, [a.invoice_id for a in answers], dialect),
+                ChargeAttempt.state == AttemptState.APPROVED,
+            )
+        ).all()
+    )
+    first = [a for a in answers if already.get(a.invoice_id, a.attempt_id) == a.attempt_id]
+    second = [a for a in answers if a not in first]
+    result: dict[int, Outcome] = {}
+    moved = cas.transition_rows(
+        session, ChargeAttempt, [_attempt_row(a, now) for a in first], AttemptState.APPROVED, now=now
+    )
+    paid: list[tuple[int, int]] = []
+    event_rows = []
+    for answer in first:
+        if answer.attempt_id not in moved:
+            continue  # recorded before (a redelivery, a re-run commit): nothing to apply twice
+        invoice = invoices[answer.invoice_id]
+        if moved[answer.attempt_id] == AttemptState.NOT_SENT:
+            event_rows.append(_late(now, invoice.subscription_id, answer, "approved", moved[answer.attempt_id]))
+        if invoice.state == InvoiceState.VOID:
+            # The subscription was canceled before this charge was known: the money goes back.
+            _void_unwanted(ctx, session, now, answer, "charge of a voided invoice (subscription canceled)")
+            result[answer.attempt_id] = Outcome.VOID
+            continue
+        paid.append((answer.invoice_id, answer.attempt_id))
+    duplicates = cas.transition_rows(
+        session, ChargeAttempt, [_attempt_row(a, now) for a in second], AttemptState.DUPLICATE, now=now
+    )
+    for answer in second:
+        if answer.attempt_id in duplicates:
+            event_rows.append(
+                events.row(
+                    now,
+                    "charge.duplicate",
+                    subscription_id=invoices[answer.invoice_id].subscription_id,
+                    invoice_id=answer.invoice_id,
+                    attempt_id=answer.attempt_id,
+                    approved_attempt_id=already[answer.invoice_id],
+                )
+            )
+            _void_unwanted(ctx, session, now, answer, "automatic void of a duplicate approval")
+            result[answer.attempt_id] = Outcome.DUPLICATE
+    mark_invoices_paid(session, now, paid)
+    events.record_many(session, event_rows)
+    return result
+
+
+def _attempt_row(answer: Answer, now: datetime) -> dict[str, Any]:
+    return {
+        "id": answer.attempt_id,
+        "tpaga_charge_id": answer.charge_id,
+        "error_code": answer.error_code,
+        "error_message": (answer.error_message or "")[:255],
+        "decline_class": answer.decline_class,
+        "authorization_code": answer.authorization_code,
+        "http_status": answer.http_status,
+        "finished_at": now,
+        "approved_at": min(answer.approved_at or now, now),
+        "lease_expires_at": None,
+    }
+
+
+def _late(now: datetime, subscription_id: int, answer: Answer, outcome: str, was: Any) -> dict[str, Any]:
+    """The ALERT for an answer that arrived after its attempt had been settled without it."""
+    return events.row(
+        now,
+        "attempt.late_answer",
+        subscription_id=subscription_id,
+        invoice_id=answer.invoice_id,
+        attempt_id=answer.attempt_id,
+        outcome=outcome,
+        settled_as=str(was),
+        error_code=answer.error_code,
+    )
+
+
+def _void_unwanted(ctx: Context, session: Session, now: datetime, answer: Answer, reason: str) -> None:
+    """A refund of a charge nobody wanted, inside the void window; flagged when the window has passed."""
+    approved_at = min(answer.approved_at or now, now)
+    refund = refunds.open_refund(ctx, session, now, answer.attempt_id, answer.invoice_id, approved_at, reason)
+    if refund.state == "expired":
+        events.record(
+            session,
+            now,
+            "refund.flagged",
+            invoice_id=answer.invoice_id,
+            attempt_id=answer.attempt_id,
+            refund_id=refund.refund_id,
+            reason=f"{reason}; the void window has passed: refund it by hand",
+        )
+
+
+def mark_invoices_paid(session: Session, now: datetime, paid: list[tuple[int, int]]) -> None:
+    """Invoices (with their approved attempts) become paid; a subscription with nothing else outstanding is
+    active again."""
+    if not paid:
+        return
+    moved = cas.transition_ids(
+        session,
+        Invoice,
+        [invoice_id for invoice_id, _ in paid],
+        InvoiceState.PAID,
+        now=now,
+        paid_at=now,
+        due_at=None,
+        review_reason=None,
+        updated_at=now,
+    )
+    subscriptions = dict(
+        session.execute(
+            select(Invoice.id, Invoice.subscription_id).where(
+                bulk.id_in(Invoice.id, [i for i, _ in paid], bulk.dialect_of(session))
+            )
+        ).all()
+    )
+    events.record_many(
+        session,
+        [
+            events.row(now, "charge.approved", subscription_id=subscriptions[inv], invoice_id=inv, attempt_id=att)
+            for inv, att in paid
+        ],
+    )
+    settle_subscriptions(session, now, sorted({subscriptions[i] for i in moved}))
+
+
+def record_declines(ctx: Context, session: Session, now: datetime, answers: list[Answer]) -> dict[int, Outcome]:
+    """Declined answers: the attempt is declined and dunning acts, for the attempts that moved from in flight.
+    A decline for an attempt already settled as not charged is recorded and flagged, without dunning."""
+    if not answers:
+        return {}
+    rows = [{k: v for k, v in _attempt_row(a, now).items() if k != "approved_at"} for a in answers]
+    moved = cas.transition_rows(session, ChargeAttempt, rows, AttemptState.DECLINED, now=now)
+    live = [a for a in answers if a.attempt_id in moved and moved[a.attempt_id] != AttemptState.NOT_SENT]
+    late = [a for a in answers if a.attempt_id in moved and moved[a.attempt_id] == AttemptState.NOT_SENT]
+    for answer in live:
+        if moved[answer.attempt_id] == AttemptState.UNKNOWN:
+            # A lookup settled it: the invoice leaves review so that dunning can act on the decline.
+            cas.transition(
+                session, Invoice, answer.invoice_id, InvoiceState.OPEN, now=now, review_reason=None, updated_at=now
+            )
+    apply_declines(ctx, session, now, [(a.invoice_id, a.attempt_id, a.error_code, a.decline_class) for a in live])
+    if late:
+        subscriptions = dict(
+            session.execute(
+                select(Invoice.id, Invoice.subscription_id).where(
+                    bulk.id_in(Invoice.id, [a.invoice_id for a in late], bulk.dialect_of(session))
+                )
+            ).all()
+        )
+        events.record_many(
+            session,
+            [_late(now, subscriptions[a.invoice_id], a, "declined", AttemptState.NOT_SENT) for a in late],
+        )
+    return {}
+
+
+def _record_not_sent(
+    ctx: Context, session: Session, now: datetime, claim: Claim, exc: Exception, pause: PauseReason | None
+) -> ChargeOutcome:
+    """The request never reached Tpaga (or Tpaga refused our credentials): no charge, no attempt spent. The
+    attempt may still be `pending` when the batch held the call back before marking it sending."""
+    invoice_id, attempt_id = claim.invoice_id, claim.attempt_id
+    moved = cas.transition(
+        session,
+        ChargeAttempt,
+        attempt_id,
+        AttemptState.NOT_SENT,
+        now=now,
+        http_status=getattr(exc, "http_status", None),
+        error_message=type(exc).__name__,
+        finished_at=now,
+        lease_expires_at=None,
+    )
+    if pause:
+        pause_billing(session, now, pause, None)
+    if moved:
+        retry_at = now if pause else now + ctx.not_sent_backoff
+        cas.update_while(session, Invoice, invoice_id, InvoiceState.OPEN, due_at=retry_at, updated_at=now)
+        events.record(
+            session, now, "charge.not_sent", invoice_id=invoice_id, attempt_id=attempt_id, error=type(exc).__name__
+        )
+    return ChargeOutcome(invoice_id, Outcome.PAUSED if pause else Outcome.NOT_SENT, attempt_id)
+
+
+def _record_rejected(session: Session, now: datetime, claim: Claim, exc: Exception) -> ChargeOutcome:
+    invoice_id, attempt_id = claim.invoice_id, claim.attempt_id
+    reason = f"gateway rejected the charge request ({type(exc).__name__})"
+    if cas.transition(
+        session,
+        ChargeAttempt,
+        attempt_id,
+        AttemptState.NOT_SENT,
+        now=now,
+        http_status=getattr(exc, "http_status", None),
+        error_message=reason[:255],
+        finished_at=now,
+        lease_expires_at=None,
+    ):
+        cas.transition(
+            session,
+            Invoice,
+            invoice_id,
+            InvoiceState.REVIEW,
+            now=now,
+            due_at=None,
+            review_reason=reason[:255],
+            updated_at=now,
+        )
+        events.record(
+            session, now, "attempt.rejected", invoice_id=invoice_id, attempt_id=attempt_id, error=type(exc).__name__
+        )
+    return ChargeOutcome(invoice_id, Outcome.REJECTED, attempt_id)
+
+
+def _record_unknown(session: Session, now: datetime, claim: Claim, exc: BaseException) -> ChargeOutcome:
+    reason = getattr(exc, "reason", None) or type(exc).__name__
+    mark_unknown(
+        session,
+        now,
+        claim.invoice_id,
+        claim.attempt_id,
+        str(reason),
+        getattr(exc, "charge_id", None),
+        getattr(exc, "http_status", None),
+        getattr(exc, "error_code", None),
+    )
+    return ChargeOutcome(claim.invoice_id, Outcome.UNKNOWN, claim.attempt_id)
+
+
+def mark_unknown(
+    session: Session,
+    now: datetime,
+    invoice_id: int,
+    attempt_id: int,
+    reason: str,
+    charge_id: str | None,
+    http_status: int | None,
+    error_code: str | None = None,
+) -> bool:
+    """Flag an attempt whose outcome is not known; its invoice goes to the review queue."""
+    changed = cas.transition(
+        session,
+        ChargeAttempt,
+        attempt_id,
+        AttemptState.UNKNOWN,
+        now=now,
+        unknown_reason=reason[:64],
+        error_code=error_code,
+        tpaga_charge_id=charge_id,
+        http_status=http_status,
+        finished_at=now,
+        lease_expires_at=None,
+    )
+    if changed:
+        cas.transition(
+            session,
+            Invoice,
+            invoice_id,
+            InvoiceState.REVIEW,
+            now=now,
+            due_at=None,
+            review_reason=f"charge outcome unknown: {reason}"[:255],
+            updated_at=now,
+        )
+        events.record(
+            session,
+            now,
+            "attempt.unknown",
+            invoice_id=invoice_id,
+            attempt_id=attempt_id,
+            reason=reason,
+            charge_id_known=charge_id is not None,
+        )
+    return changed
+
+
+def abandon_unsent(session: Session, now: datetime, invoice_id: int, attempt_id: int) -> bool:
+    """A `pending` attempt whose worker died before sending: not sent, and its invoice is due again."""
+    if not cas.transition(
+        session,
+        ChargeAttempt,
+        attempt_id,
+        AttemptState.NOT_SENT,
+        now=now,
+        error_message="worker lost before sending",
+        finished_at=now,
+        lease_expires_at=None,
+    ):
+        return False
+    cas.update_while(session, Invoice, invoice_id, InvoiceState.OPEN, due_at=now, updated_at=now)
+    events.record(session, now, "attempt.abandoned", invoice_id=invoice_id, attempt_id=attempt_id)
+    return True
+
+
+def settle_from_charge(ctx: Context, invoice_id: int, attempt_id: int, charge: Charge, *, by: str) -> str:
+    """Apply what Tpaga says about a charge (a lookup's or an operator's) to an unknown attempt: `approved`,
+    `voided` (approved, then voided at Tpaga: recorded with its refund), `declined` or `still_unknown`."""
+    now = ctx.clock.now()
+    answer = Answer.of_charge(invoice_id, attempt_id, charge, http_status=None)
+    voided = charge.voided or (not charge.paid and charge.error_code == "00")
+    if voided:
+        answer = Answer(**{**answer.__dict__, "decline_class": DeclineClass.APPROVED})
+    elif answer.decline_class == DeclineClass.UNKNOWN:
+        return "still_unknown"
+    with ctx.unit_of_work() as session:
+        current = session.execute(
+            select(ChargeAttempt.state).where(ChargeAttempt.id == attempt_id)
+        ).scalar_one_or_none()
+        if current != AttemptState.UNKNOWN:
+            return "still_unknown"
+        if answer.decline_class == DeclineClass.APPROVED:
+            decided = record_approvals(ctx, session, now, [answer])
+            if voided and attempt_id not in decided:
+                refunds.record_voided_at_gateway(session, now, attempt_id, invoice_id)
+            outcome = "voided" if voided else str(decided.get(attempt_id, Outcome.APPROVED))
+        else:
+            record_declines(ctx, session, now, [answer])
+            outcome = "declined"
+        events.record(
+            session, now, "attempt.resolved", invoice_id=invoice_id, attempt_id=attempt_id, outcome=outcome, by=by
+        )
+        return outcome
+
+
+def resolve_not_charged(session: Session, now: datetime, invoice_id: int, attempt_id: int | None) -> bool:
+    """An operator found no charge at Tpaga: the attempt is not sent and dunning resumes where it was (the next
+    try is now, and no customer attempt was spent). False when the invoice had left review meanwhile."""
+    if attempt_id is not None and not cas.transition(
+        session,
+        ChargeAttempt,
+        attempt_id,
+        AttemptState.NOT_SENT,
+        now=now,
+        error_message="operator: not charged",
+        finished_at=now,
+    ):
+        return False
+    if not cas.transition(
+        session, Invoice, invoice_id, InvoiceState.OPEN, now=now, due_at=now, review_reason=None, updated_at=now
+    ):
+        return False
+    events.record(session, now, "review.resolved", invoice_id=invoice_id, attempt_id=attempt_id, charged=False)
+    return True

@@ -1,0 +1,186 @@
+"""Charging invoices, top to bottom: claim, mark sending, call Tpaga between two commits, record.
+
+The single-invoice task is a batch of one. A batch takes its share of the process's gateway slots
+(BILLING_GATEWAY_CONCURRENCY) BEFORE claiming, so that what a crash leaves `sending` is what really was in
+flight, then marks, sends and records in waves of the slots it holds (one wave, unless the pool was short).
+Crash semantics: attempts are claimed `pending` (a worker lost before marking them `sending` leaves attempts
+that reconciliation turns `not_sent` and reschedules); after `sending`, a lost worker's lease expires and
+reconciliation flags them `unknown` for review. After an answer that pauses billing (401, merchant-class
+decline) the batch sends nothing more: every other request would meet the same answer.
+
+The partial unique indexes on charge_attempts make "two approved attempts" and "two attempts in flight" for
+one invoice impossible in the database, whatever the broker delivers twice.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from billing.domain.declines import DeclineClass
+from billing.gateway import errors as gw
+from billing.gateway.pool import DEFAULT_GATEWAY_CONCURRENCY, GatewayPool
+from billing.services.charging.attempts import CallResult, ChargeOutcome, Claim, HeldBack, Outcome
+from billing.services.charging.claims import claim_invoices, mark_sending
+from billing.services.charging.outcomes import record_outcomes
+from billing.services.context import Context
+from billing.services.errors import NotFound
+from billing.services.pause import PauseReason
+
+
+def charge_invoice(ctx: Context, invoice_id: int, *, pool: GatewayPool | None = None) -> ChargeOutcome:
+    """Charge one open invoice if it is due now; idempotent under duplicate delivery and concurrency. Without a
+    pool the call is made on the caller's thread (`billing tick`, scripts)."""
+    outcome = charge_invoices(ctx, [invoice_id], pool=pool, inline=pool is None)[0]
+    if outcome.outcome == Outcome.NOT_FOUND:
+        raise NotFound(f"invoice {invoice_id} does not exist")
+    return outcome
+
+
+def charge_invoices(
+    ctx: Context, invoice_ids: Sequence[int], *, pool: GatewayPool | None = None, inline: bool = False
+) -> list[ChargeOutcome]:
+    """Charge every invoice of the batch that is due now; one outcome per distinct id, in the given order.
+
+    An id that is not claimable now (paid, in review, not due, claimed by a concurrent batch, unknown) gets the
+    reason instead, and nothing is sent for it. The calls are concurrent on `pool` (a pool of the batch's own
+    when None), or made one after the other on the caller's thread with `inline`.
+    """
+    ids = list(dict.fromkeys(invoice_ids))
+    if not ids:
+        return []
+    if inline:
+        claims, outcomes = claim_invoices(ctx, ids)
+        done, last_wave = _send_in_waves(ctx, _inline_runner(ctx), claims, max(1, len(claims)))
+        done.extend(record_outcomes(ctx, last_wave))
+    else:
+        own = pool is None
+        gateway_pool = GatewayPool(min(len(ids), DEFAULT_GATEWAY_CONCURRENCY)) if pool is None else pool
+        try:
+            with gateway_pool.slots(len(ids)) as held:
+                claims, outcomes = claim_invoices(ctx, ids)
+                give_back = held[0] - min(held[0], len(claims))
+                gateway_pool.release(give_back)
+                held[0] -= give_back
+                done, last_wave = _send_in_waves(ctx, _pool_runner(ctx, gateway_pool), claims, max(1, held[0]))
+            done.extend(record_outcomes(ctx, last_wave))  # the slots are free for other batches meanwhile
+        finally:
+            if own:
+                gateway_pool.shutdown()
+    for outcome in done:
+        outcomes[outcome.invoice_id] = outcome
+    return [outcomes[i] for i in ids]
+
+
+class _Stop:
+    """Set by the first answer of a batch that pauses billing: the batch sends nothing more."""
+
+    reason: PauseReason | None = None
+
+
+Runner = Callable[[Sequence[Claim], "_Stop"], list[CallResult]]
+
+
+def _send_in_waves(
+    ctx: Context, run: Runner, claims: Sequence[Claim], width: int
+) -> tuple[list[ChargeOutcome], list[CallResult]]:
+    """Mark `sending`, send and record, `width` attempts at a time: an attempt is marked `sending` only when its
+    call is about to be made, so the others wait `pending` (a crash leaves them to be retried, not reviewed).
+
+    Returns the outcomes recorded so far and the last wave's answers, which the caller records."""
+    stop = _Stop()
+    done: list[ChargeOutcome] = []
+    wave_sent: list[CallResult] = []
+    for start in range(0, len(claims), width):
+        done.extend(record_outcomes(ctx, wave_sent))
+        wave = claims[start : start + width]
+        if stop.reason is not None:
+            wave_sent = [CallResult(c, error=_held_back(stop.reason)) for c in wave]
+            continue
+        sending, lost = mark_sending(ctx, wave)
+        done.extend(lost)
+        wave_sent = run(sending, stop) if sending else []
+    return done, wave_sent
+
+
+def _held_back(pause: PauseReason) -> HeldBack:
+    return HeldBack(f"not sent: an earlier answer of the batch paused billing ({pause})", pause=pause)
+
+
+def _fields(claim: Claim) -> dict[str, Any]:
+    return {
+        "card_id": claim.card_tpaga_id,
+        "amount": claim.amount.major,
+        "currency": claim.amount.currency,
+        "order_id": claim.order_id,
+        "description": claim.description,
+    }
+
+
+class _Wave:
+    """The checks every call of a wave passes just before it is made, and what its answer stops."""
+
+    def __init__(self, ctx: Context, stop: _Stop) -> None:
+        self.stop = stop
+        self.guard_seconds = ctx.sending_lease.total_seconds() / 2
+        self.marked_at = time.monotonic()
+
+    def held_back(self, claim: Claim) -> CallResult | None:
+        if self.stop.reason is not None:
+            return CallResult(claim, error=_held_back(self.stop.reason))
+        if time.monotonic() - self.marked_at > self.guard_seconds:
+            # Sent this late, the answer could arrive after reconciliation has given the attempt up.
+            return CallResult(claim, error=HeldBack("held too long before sending; not sent"))
+        return None
+
+    def answered(self, result: CallResult) -> CallResult:
+        reason = _pause_reason(result.error)
+        if reason is not None:
+            self.stop.reason = reason
+        return result
+
+
+def _pool_runner(ctx: Context, pool: GatewayPool) -> Runner:
+    def run(claims: Sequence[Claim], stop: _Stop) -> list[CallResult]:
+        wave = _Wave(ctx, stop)
+
+        async def send(claim: Claim) -> CallResult:
+            held = wave.held_back(claim)
+            if held is not None:
+                return held
+            try:
+                charge = await ctx.gateway.charge_async(**_fields(claim))
+            except Exception as exc:  # an unexpected error may have charged: recorded as unknown
+                return wave.answered(CallResult(claim, error=exc))
+            return wave.answered(CallResult(claim, charge=charge))
+
+        return pool.run(send, claims)
+
+    return run
+
+
+def _inline_runner(ctx: Context) -> Runner:
+    def run(claims: Sequence[Claim], stop: _Stop) -> list[CallResult]:
+        wave = _Wave(ctx, stop)
+        results = []
+        for claim in claims:
+            held = wave.held_back(claim)
+            if held is None:
+                try:
+                    held = wave.answered(CallResult(claim, charge=ctx.gateway.charge(**_fields(claim))))
+                except Exception as exc:  # an unexpected error may have charged: recorded as unknown
+                    held = wave.answered(CallResult(claim, error=exc))
+            results.append(held)
+        return results
+
+    return run
+
+
+def _pause_reason(error: BaseException | None) -> PauseReason | None:
+    """The pause an answer causes, if any."""
+    if isinstance(error, gw.UnauthorizedError):
+        return PauseReason.UNAUTHORIZED
+    if isinstance(error, gw.DeclinedError) and error.decline_class == DeclineClass.MERCHANT:
+        return PauseReason.MERCHANT_DECLINE
+    return None

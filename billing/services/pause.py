@@ -1,0 +1,65 @@
+"""The billing pause: one switch that stops every charge when an answer says all of them would fail."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from billing.db import control
+from billing.gateway import errors as gw
+from billing.services import events
+from billing.services.context import Context
+
+
+class PauseReason(StrEnum):
+    UNAUTHORIZED = "unauthorized"  # Tpaga answered 401: the key is wrong or revoked
+    MERCHANT_DECLINE = "merchant_decline"  # a merchant-class errorCode: the merchant account needs attention
+    GATEWAY_UNREACHABLE = "gateway_unreachable"  # every call was not sent for minutes
+
+
+def billing_paused(session: Session) -> dict[str, Any] | None:
+    return control.get_pause(session)
+
+
+def pause_billing(session: Session, now: datetime, reason: PauseReason, error_code: str | None) -> None:
+    """Stop all charging until an operator (or the gateway probe) resumes it.
+
+    Workers that see a 401 at the same moment all pause: the first one records the pause (and its event), the
+    others do nothing. A failed insert here would roll back the caller's transaction, with every charge
+    outcome it was recording (a whole batch's), and leave those attempts for the review queue.
+    """
+    payload = json.dumps({"reason": str(reason), "error_code": error_code, "since": now.isoformat()})
+    if control.insert_if_absent(session, control.PAUSE_KEY, payload, now):
+        events.record(session, now, "billing.paused", reason=str(reason), error_code=error_code)
+
+
+def resume_billing(ctx: Context) -> bool:
+    """Lift a pause; returns whether one was lifted."""
+    now = ctx.clock.now()
+    with ctx.unit_of_work() as session:
+        if control.get_pause(session) is None:
+            return False
+        control.delete_value(session, control.PAUSE_KEY)
+        events.record(session, now, "billing.resumed")
+        return True
+
+
+def probe_gateway(ctx: Context) -> bool:
+    """While billing is paused for bad credentials, check them with a harmless GET; resume when they work."""
+    with ctx.sessions() as session:
+        pause = control.get_pause(session)
+    if pause is None or pause.get("reason") != PauseReason.UNAUTHORIZED:
+        return False
+    try:
+        ctx.gateway.get_charge("credential-probe")
+    except gw.UnauthorizedError:
+        return False
+    except gw.NotFoundError:
+        pass  # authenticated: the id simply does not exist
+    except gw.TpagaError:
+        return False
+    return resume_billing(ctx)
