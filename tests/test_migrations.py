@@ -24,7 +24,7 @@ from billing.db import migrate
 from billing.db.engine import make_engine, normalize_url
 from billing.db.models import Base
 
-HEAD = "0002"
+HEAD = "0003"
 CORE_TABLES = {"control", "customers", "cards", "plans", "subscriptions", "invoices", "charge_attempts"}
 LATER_TABLES = {"refunds", "outbox", "events"}
 T0 = "2026-01-31 12:00:00"

@@ -2,8 +2,8 @@
 
     from billing.db.migrate import upgrade, current_revision, head_revision
     upgrade("sqlite:///billing.db")            # idempotent; one transaction on both dialects
-    current_revision("sqlite:///billing.db")   # "0002", or None for an empty database
-    head_revision()                            # "0002"
+    current_revision("sqlite:///billing.db")   # "0003", or None for an empty database
+    head_revision()                            # "0003"
 
 To write a new migration, edit billing/db/models.py, then autogenerate against a database at head and
 hand-check the result (see tests/test_migrations.py, which fails while models and migrations disagree)::

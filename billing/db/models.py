@@ -203,7 +203,9 @@ class ChargeAttempt(Base):
     __tablename__ = "charge_attempts"
     __table_args__ = (
         UniqueConstraint("invoice_id", "attempt_number", name="uq_charge_attempts_invoice_number"),
-        CheckConstraint("state in ('pending', 'sending', 'approved', 'declined', 'unknown', 'not_sent')", name="state"),
+        CheckConstraint(
+            "state in ('pending', 'sending', 'approved', 'declined', 'unknown', 'not_sent', 'duplicate')", name="state"
+        ),
         # Invariant 1 in the database: at most one approved attempt per invoice...
         Index(
             "uq_charge_attempts_one_approved",
