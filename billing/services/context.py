@@ -70,6 +70,8 @@ class Context:
     refund_safety_margin: timedelta = timedelta(minutes=5)
     sending_lease: timedelta = timedelta(minutes=5)
     not_sent_backoff: timedelta = timedelta(seconds=60)
+    # After this long with every call not sent (the gateway unreachable), billing pauses with an ALERT.
+    unreachable_pause_after: timedelta = timedelta(minutes=5)
     publisher: Publisher | None = None
 
     @contextmanager

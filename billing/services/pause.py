@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime
+from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
+from sqlalchemy import delete
 from sqlalchemy.orm import Session
 
 from billing.db import control
+from billing.db.models import Control
 from billing.gateway import errors as gw
 from billing.services import events
 from billing.services.context import Context
@@ -37,6 +39,24 @@ def pause_billing(session: Session, now: datetime, reason: PauseReason, error_co
         events.record(session, now, "billing.paused", reason=str(reason), error_code=error_code)
 
 
+UNREACHABLE_KEY = "gateway_unreachable_since"
+
+
+def note_not_sent(session: Session, now: datetime, pause_after: timedelta) -> None:
+    """A call was provably not sent (connection refused, DNS, a wrong URL): after `pause_after` of nothing but
+    such calls, billing pauses with an ALERT instead of rescheduling every invoice forever."""
+    if control.insert_if_absent(session, UNREACHABLE_KEY, now.isoformat(), now):
+        return
+    raw = control.get_value(session, UNREACHABLE_KEY)
+    if raw is not None and now - datetime.fromisoformat(raw) >= pause_after:
+        pause_billing(session, now, PauseReason.GATEWAY_UNREACHABLE, None)
+
+
+def note_reached(session: Session) -> None:
+    """Tpaga answered a call: the run of not-sent calls, if any, is over."""
+    session.execute(delete(Control).where(Control.key == UNREACHABLE_KEY))
+
+
 def resume_billing(ctx: Context) -> bool:
     """Lift a pause; returns whether one was lifted."""
     now = ctx.clock.now()
@@ -44,15 +64,17 @@ def resume_billing(ctx: Context) -> bool:
         if control.get_pause(session) is None:
             return False
         control.delete_value(session, control.PAUSE_KEY)
+        note_reached(session)
         events.record(session, now, "billing.resumed")
         return True
 
 
 def probe_gateway(ctx: Context) -> bool:
-    """While billing is paused for bad credentials, check them with a harmless GET; resume when they work."""
+    """While billing is paused for bad credentials or an unreachable gateway, check with a harmless GET; resume
+    when Tpaga answers it with our key."""
     with ctx.sessions() as session:
         pause = control.get_pause(session)
-    if pause is None or pause.get("reason") != PauseReason.UNAUTHORIZED:
+    if pause is None or pause.get("reason") not in (PauseReason.UNAUTHORIZED, PauseReason.GATEWAY_UNREACHABLE):
         return False
     try:
         ctx.gateway.get_charge("credential-probe")
