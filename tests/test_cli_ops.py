@@ -211,6 +211,49 @@ def test_review_resolve_refuses_bad_input(gw: Cli, sandbox: Any) -> None:
     )
 
 
+def fill_review_queue(cli: Cli, sandbox: Any, count: int) -> None:
+    """`count` invoices in review: due subscriptions whose every charge the emulator answers with a 5xx."""
+    cli.ok("seed", "--subscriptions", str(count), "--cards", "approve", "--threads", "4", "--seed", "1")
+    requests.post(sandbox.base_url + "__sandbox/faults", json={"errorRate": 1.0}, timeout=10).raise_for_status()
+    assert cli.json("tick", "--threads", "8")["charges"] == {"unknown": count}
+    requests.post(sandbox.base_url + "__sandbox/faults", json={"errorRate": 0.0}, timeout=10).raise_for_status()
+
+
+def test_review_list_says_how_many_are_in_review_and_pages_with_limit_and_all(gw: Cli, sandbox: Any) -> None:
+    fill_review_queue(gw, sandbox, 103)
+
+    table = gw.ok("review", "list").output
+    default = gw.ok("review", "list", "--json")
+    first_five = gw.ok("review", "list", "--json", "--limit", "5")
+    everything = gw.ok("review", "list", "--json", "--all")
+
+    rows = [line for line in table.splitlines() if line.split() and line.split()[0].isdigit()]
+    assert len(rows) == 100
+    assert table.rstrip().endswith("showing 100 of 103; --all or --limit N to see more")
+    page, page_count = json.loads(default.stdout), json.loads(default.stderr)
+    assert len(page) == 100 and page_count == {"total": 103, "shown": 100}
+    assert json.loads(first_five.stdout) == page[:5]  # oldest first, the same order on every run
+    assert json.loads(first_five.stderr) == {"total": 103, "shown": 5}
+    every = json.loads(everything.stdout)
+    assert len({r["invoice_id"] for r in every}) == 103 and every[:100] == page
+    assert json.loads(everything.stderr) == {"total": 103, "shown": 103}
+    assert gw.ok("review", "list", "--all").output.rstrip().endswith("103 in review")
+    assert "showing 103 of 103" not in gw.ok("review", "list", "--limit", "200").output
+
+
+def test_review_list_refuses_bad_limits_and_changes_nothing(gw: Cli, sandbox: Any) -> None:
+    fill_review_queue(gw, sandbox, 2)
+    before = gw.json("status")
+
+    gw.fails("review", "list", "--limit", "0", match="Invalid value for '--limit'", code=2)
+    gw.fails("review", "list", "--limit", "-1", match="Invalid value for '--limit'", code=2)
+    gw.fails("review", "list", "--limit", "abc", match="'abc' is not a valid integer", code=2)
+    gw.fails("review", "list", "--all", "--limit", "5", match="--all and --limit exclude each other", code=2)
+
+    assert gw.json("status") == before
+    assert len(gw.json("review", "list")) == 2
+
+
 # --- refund and resume ---------------------------------------------------------------------------------
 
 

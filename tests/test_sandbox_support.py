@@ -39,7 +39,7 @@ class Emulator:
     def customer(self, **fields: Any) -> dict[str, Any]:
         response = self.post("customer", fields or {"firstName": "Ana", "email": "ana@example.com"})
         assert response.status_code == 201, response.text
-        return response.json()
+        return _object(response)
 
     def tokenize(self, number: str = "4111111111111111", **fields: Any) -> requests.Response:
         body = {
@@ -61,7 +61,7 @@ class Emulator:
         customer_id = customer_id or self.customer()["id"]
         response = self.post(f"customer/{customer_id}/credit_card_token", {"token": self.token(number)})
         assert response.status_code == 201, response.text
-        return response.json()
+        return _object(response)
 
     def charge(self, card_id: str, amount: Any = 4500, *, timeout: Any = TIMEOUT, **fields: Any) -> requests.Response:
         body = {"creditCard": card_id, "amount": amount, "currency": "COP", "installments": 1, **fields}
@@ -75,7 +75,7 @@ class Emulator:
     def control(self, path: str, body: Any = None) -> dict[str, Any]:
         response = self.http.post(self.base + "__sandbox/" + path, json=body, timeout=TIMEOUT)
         assert response.status_code == 200, response.text
-        return response.json()
+        return _object(response)
 
     def control_raw(self, path: str, body: Any = None) -> requests.Response:
         return self.http.post(self.base + "__sandbox/" + path, json=body, timeout=TIMEOUT)
@@ -83,13 +83,19 @@ class Emulator:
     def look(self, path: str, **params: str) -> dict[str, Any]:
         response = self.http.get(self.base + "__sandbox/" + path, params=params, timeout=TIMEOUT)
         assert response.status_code == 200, response.text
-        return response.json()
+        return _object(response)
 
     def ledger(self, **params: str) -> dict[str, Any]:
         return self.look("ledger", **params)
 
     def faults(self, **body: Any) -> dict[str, Any]:
         return self.control("faults", body)
+
+
+def _object(response: requests.Response) -> dict[str, Any]:
+    body = response.json()
+    assert isinstance(body, dict), response.text
+    return body
 
 
 def field_errors(response: requests.Response) -> list[tuple[str, Any]]:

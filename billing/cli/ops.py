@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from datetime import timedelta
 from typing import Any
@@ -146,17 +147,36 @@ def review() -> None:
 
 
 @review.command("list")
+@click.option(
+    "--limit",
+    default=100,
+    show_default=True,
+    type=click.IntRange(min=1),
+    metavar="N",
+    help="Show the N oldest invoices in review.",
+)
+@click.option("--all", "show_all", is_flag=True, help="Show every invoice in review (instead of --limit).")
 @json_option
 @database_option
 @handle_errors
-def review_list(as_json: bool, database_url: str | None) -> None:
-    """Invoices waiting for an operator."""
+@click.pass_context
+def review_list(ctx: click.Context, limit: int, show_all: bool, as_json: bool, database_url: str | None) -> None:
+    """Invoices waiting for an operator, oldest first, and how many there are in all.
+
+    With --json, stdout is the list of invoices and stderr one line {"total": N, "shown": M}.
+    """
     from billing.services import reconcile
 
+    if show_all and ctx.get_parameter_source("limit") is not click.core.ParameterSource.DEFAULT:
+        raise click.UsageError("--all and --limit exclude each other: give one of them")
     with session_scope(load_settings(database_url)) as session:
-        rows = reconcile.review_queue(session)
+        rows = reconcile.review_queue(session, limit=None if show_all else limit)
+        # Counted after listing, so a row resolved in between never makes the total smaller than the page.
+        total = max(reconcile.review_count(session), len(rows))
     if as_json:
         echo_json(rows)
+        # stdout stays the list it always was (scripts parse it); the count goes beside it.
+        click.echo(json.dumps({"total": total, "shown": len(rows)}), err=True)
         return
     echo_table(
         ["invoice", "subscription", "amount", "orderId", "charge id known", "reason", "since"],
@@ -174,6 +194,10 @@ def review_list(as_json: bool, database_url: str | None) -> None:
         ],
         empty="the review queue is empty",
     )
+    if len(rows) < total:
+        click.echo(f"showing {len(rows)} of {total}; --all or --limit N to see more")
+    elif rows:
+        click.echo(f"{total} in review")
 
 
 @review.command("resolve")

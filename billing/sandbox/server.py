@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import binascii
 import contextlib
-import json
 import logging
 import signal
 import threading
@@ -34,9 +32,11 @@ from billing.sandbox.validate import (
     CUSTOMER,
     REFUND,
     TOKEN,
+    UnsafeJson,
     associate_request,
     charge_request,
     customer_request,
+    load_json,
     parse_json,
     refund_request,
     tokenize_request,
@@ -145,7 +145,7 @@ class Sandbox:
             return None
         try:
             decoded = base64.b64decode(encoded.strip(), validate=True).decode()
-        except (binascii.Error, UnicodeDecodeError):
+        except ValueError:  # not base64 (binascii.Error), not ASCII, or not UTF-8 inside: not a key either way
             return None
         user, colon, password = decoded.partition(":")
         if not colon or password:
@@ -349,7 +349,7 @@ class Sandbox:
                 seconds = body["advanceSeconds"]
                 if isinstance(seconds, bool) or not isinstance(seconds, int | float):
                     raise ValidationFailed.one("Clock", "advanceSeconds", seconds, "must be a number of seconds")
-                clock.advance(float(seconds))
+                clock.advance(seconds)
             else:
                 raw = body["now"]
                 if not isinstance(raw, str):
@@ -449,9 +449,11 @@ async def _control(request: web.Request, apply: Callable[[dict[str, Any]], objec
     """Parses a /__sandbox/ body (plain JSON: no money here) and maps ValidationFailed to 422."""
     raw = await request.read()
     try:
-        body = json.loads(raw.decode(request.charset or "utf-8")) if raw.strip() else {}
-    except (LookupError, ValueError) as exc:
+        body = load_json(raw, request.charset) if raw.strip() else {}
+    except ValueError as exc:
         return _invalid(ValidationFailed.one("Sandbox", "body", None, f"the body must be JSON: {exc}"))
+    except UnsafeJson as exc:
+        return _invalid(ValidationFailed.one("Sandbox", "body", None, str(exc)))
     if not isinstance(body, dict):
         return _invalid(ValidationFailed.one("Sandbox", "body", body, "the body must be a JSON object"))
     try:

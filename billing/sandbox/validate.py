@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
@@ -21,6 +22,9 @@ CHARGE = "CreditCardCharge"
 REFUND = "CreditCardRefund"
 
 MAX_AMOUNT = Decimal("1000000000000")  # far above any real COP charge; keeps arithmetic and output sane
+# Tpaga's bodies are two levels deep at most; a limit well under Python's recursion limit keeps the answer a 422
+# whatever the stack depth of the handler that parses it.
+MAX_DEPTH = 32
 CENT = Decimal("0.01")
 _EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 _GENDERS = frozenset({"M", "F", "N/A"})
@@ -35,14 +39,62 @@ def parse_json(raw: bytes, charset: str | None, obj: str) -> dict[str, Any]:
     # A malformed tokenize body may hold a card number: never echo it back.
     echo = obj != TOKEN
     try:
-        text = raw.decode(charset or "utf-8")
-        body = json.loads(text, parse_float=Decimal, parse_constant=_no_constants)
-    except (LookupError, ValueError) as exc:
+        body = load_json(raw, charset, parse_float=Decimal)
+    except ValueError as exc:
         shown_body = raw[:80].decode("utf-8", "replace") if echo else None
         raise ValidationFailed.one(obj, "body", shown_body, f"the body must be JSON: {exc}") from None
+    except UnsafeJson as exc:
+        raise ValidationFailed.one(obj, "body", None, str(exc)) from None
     if not isinstance(body, dict):
         raise ValidationFailed.one(obj, "body", body if echo else None, "the body must be a JSON object")
     return body
+
+
+class UnsafeJson(Exception):
+    """Raised when a body is JSON but cannot be answered safely: nested too deep, or not Unicode text."""
+
+
+def load_json(raw: bytes, charset: str | None, *, parse_float: Callable[[str], Any] = float) -> Any:
+    """Decodes and parses a body: ValueError when it is not JSON text, UnsafeJson when it cannot be echoed back."""
+    try:
+        text = raw.decode(charset or "utf-8")
+    except LookupError as exc:  # an unknown charset, or a codec that is not a text encoding
+        raise ValueError(str(exc)) from None
+    try:
+        value = json.loads(text, parse_float=parse_float, parse_constant=_no_constants)
+    except RecursionError:
+        raise UnsafeJson(f"the body must not nest deeper than {MAX_DEPTH} levels") from None
+    _check_tree(value)
+    return value
+
+
+def _check_tree(value: object) -> None:
+    """Refuses nesting deeper than MAX_DEPTH and any string (key or value) that is not Unicode text."""
+    stack: list[tuple[object, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, str):
+            _check_text(item)
+        elif isinstance(item, dict | list):
+            if depth > MAX_DEPTH:
+                raise UnsafeJson(f"the body must not nest deeper than {MAX_DEPTH} levels")
+            if isinstance(item, dict):
+                for key, child in item.items():
+                    _check_text(key)
+                    stack.append((child, depth + 1))
+            else:
+                stack.extend((child, depth + 1) for child in item)
+
+
+def _check_text(text: str) -> None:
+    # A \\ud800 escape parses to a lone surrogate, which no answer that echoes or stores it can encode as UTF-8.
+    if text.isascii():
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        code = ord(text[exc.start])
+        raise UnsafeJson(f"the body must be Unicode text: it holds a lone surrogate \\u{code:04x}") from None
 
 
 class _Fields:
@@ -84,6 +136,8 @@ class _Fields:
             self.fail(field, value, "must be a JSON number")
             return Decimal(0)
         amount = Decimal(value)
+        # Checked in this order so that only a sane amount is ever quantized: Decimal's default context has 28
+        # digits, and quantizing 1e26 (or -1e308) to cents would raise InvalidOperation.
         if required and amount <= 0:
             self.fail(field, value, "must be greater than 0")
         elif amount < 0:
@@ -92,7 +146,9 @@ class _Fields:
             self.fail(field, value, "is too large")
         elif amount != amount.quantize(CENT):
             self.fail(field, value, "must have at most two decimals")
-        return amount.quantize(CENT)
+        else:
+            return amount.quantize(CENT)
+        return Decimal(0)
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,7 +6,7 @@ import logging
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from billing.db.models import ChargeAttempt, Invoice
@@ -66,18 +66,21 @@ def resolve_unknown_by_lookup(ctx: Context, limit: int = 100) -> dict[str, int]:
     return counts
 
 
-def review_queue(session: Session, limit: int = 100) -> list[dict[str, Any]]:
-    """Invoices waiting for an operator, with the attempt that blocks them."""
-    rows = session.execute(
+def review_queue(session: Session, limit: int | None = 100) -> list[dict[str, Any]]:
+    """Invoices waiting for an operator, oldest first, with the attempt that blocks them; None means all."""
+    if limit is not None and limit < 1:
+        raise InvalidRequest(f"limit must be at least 1, got {limit}")
+    query = (
         select(Invoice, ChargeAttempt)
         .outerjoin(
             ChargeAttempt,
             (ChargeAttempt.invoice_id == Invoice.id) & (ChargeAttempt.state == AttemptState.UNKNOWN),
         )
         .where(Invoice.state == InvoiceState.REVIEW)
-        .order_by(Invoice.updated_at)
-        .limit(limit)
-    ).all()
+        # The id breaks ties so that a page is the same page on every run.
+        .order_by(Invoice.updated_at, Invoice.id)
+    )
+    rows = session.execute(query if limit is None else query.limit(limit)).all()
     return [
         {
             "invoice_id": inv.id,
@@ -92,6 +95,12 @@ def review_queue(session: Session, limit: int = 100) -> list[dict[str, Any]]:
         }
         for inv, att in rows
     ]
+
+
+def review_count(session: Session) -> int:
+    """How many invoices are in review (one row each in review_queue: an invoice has one unknown attempt)."""
+    query = select(func.count()).select_from(Invoice).where(Invoice.state == InvoiceState.REVIEW)
+    return int(session.execute(query).scalar_one())
 
 
 def resolve_review(ctx: Context, *, invoice_id: int, charged: bool, tpaga_charge_id: str | None = None) -> str:
