@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import queue
 import threading
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -98,6 +100,38 @@ class GatewayPool:
             return list(await asyncio.gather(*started))
 
         return asyncio.run_coroutine_threadsafe(every(), self._running_loop()).result()
+
+    def as_answered(
+        self, fn: Callable[[T], Awaitable[R]], items: Sequence[T], linger_seconds: float = 0.02
+    ) -> Iterator[list[R]]:
+        """`run`, yielding the results in groups as they arrive instead of all at the end: after the first
+        answer of a group, whatever else arrives within `linger_seconds` joins it (answers that come together
+        are recorded together; a slow call does not hold back the others' recording). `fn` should not raise."""
+        answered: queue.SimpleQueue[asyncio.Future[R]] = queue.SimpleQueue()
+
+        async def every() -> None:
+            started = []
+            for item in items:
+                task = asyncio.ensure_future(fn(item))
+                task.add_done_callback(answered.put)
+                started.append(task)
+                await asyncio.sleep(0)
+            await asyncio.gather(*started, return_exceptions=True)
+
+        done = asyncio.run_coroutine_threadsafe(every(), self._running_loop())
+        remaining = len(items)
+        while remaining:
+            group = [answered.get()]
+            until = time.monotonic() + linger_seconds
+            while len(group) < remaining:
+                wait = until - time.monotonic()
+                try:
+                    group.append(answered.get(timeout=wait) if wait > 0 else answered.get_nowait())
+                except queue.Empty:
+                    break
+            remaining -= len(group)
+            yield [task.result() for task in group]
+        done.result()
 
     def shutdown(self) -> None:
         """Close the loop's HTTP sessions, stop the loop and join its thread (and the executor's)."""

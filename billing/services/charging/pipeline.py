@@ -15,7 +15,7 @@ one invoice impossible in the database, whatever the broker delivers twice.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from billing.domain.declines import DeclineClass
@@ -52,19 +52,22 @@ def charge_invoices(
         return []
     if inline:
         claims, outcomes = claim_invoices(ctx, ids)
-        done, last_wave = _send_in_waves(ctx, _inline_runner(ctx), claims, max(1, len(claims)))
-        done.extend(record_outcomes(ctx, last_wave))
+        done = _send_in_waves(ctx, _inline_runner(ctx), claims, max(1, len(claims)), lambda _: None)
     else:
         own = pool is None
         gateway_pool = GatewayPool(min(len(ids), DEFAULT_GATEWAY_CONCURRENCY)) if pool is None else pool
         try:
             with gateway_pool.slots(len(ids)) as held:
                 claims, outcomes = claim_invoices(ctx, ids)
-                give_back = held[0] - min(held[0], len(claims))
-                gateway_pool.release(give_back)
-                held[0] -= give_back
-                done, last_wave = _send_in_waves(ctx, _pool_runner(ctx, gateway_pool), claims, max(1, held[0]))
-            done.extend(record_outcomes(ctx, last_wave))  # the slots are free for other batches meanwhile
+                width = max(1, min(held[0], len(claims)))
+
+                def release(count: int) -> None:
+                    count = min(count, held[0])
+                    gateway_pool.release(count)
+                    held[0] -= count
+
+                release(held[0] - width)
+                done = _send_in_waves(ctx, _pool_runner(ctx, gateway_pool), claims, width, release)
         finally:
             if own:
                 gateway_pool.shutdown()
@@ -79,29 +82,33 @@ class _Stop:
     reason: PauseReason | None = None
 
 
-Runner = Callable[[Sequence[Claim], "_Stop"], list[CallResult]]
+# Sends a wave's calls and yields their answers in groups, as they arrive.
+Runner = Callable[[Sequence[Claim], "_Stop"], Iterator[list[CallResult]]]
 
 
 def _send_in_waves(
-    ctx: Context, run: Runner, claims: Sequence[Claim], width: int
-) -> tuple[list[ChargeOutcome], list[CallResult]]:
+    ctx: Context, run: Runner, claims: Sequence[Claim], width: int, release: Callable[[int], None]
+) -> list[ChargeOutcome]:
     """Mark `sending`, send and record, `width` attempts at a time: an attempt is marked `sending` only when its
     call is about to be made, so the others wait `pending` (a crash leaves them to be retried, not reviewed).
-
-    Returns the outcomes recorded so far and the last wave's answers, which the caller records."""
+    Answers are recorded as they arrive, a group at a time, so that a slow call (a rate-limited one) does not
+    keep the others' answers unrecorded, where a crash would turn them into reviews. In the last wave, the
+    slots of answered calls go back (`release`) before their answers are recorded."""
     stop = _Stop()
     done: list[ChargeOutcome] = []
-    wave_sent: list[CallResult] = []
     for start in range(0, len(claims), width):
-        done.extend(record_outcomes(ctx, wave_sent))
         wave = claims[start : start + width]
+        last = start + width >= len(claims)
         if stop.reason is not None:
-            wave_sent = [CallResult(c, error=_held_back(stop.reason)) for c in wave]
+            done.extend(record_outcomes(ctx, [CallResult(c, error=_held_back(stop.reason)) for c in wave]))
             continue
         sending, lost = mark_sending(ctx, wave)
         done.extend(lost)
-        wave_sent = run(sending, stop) if sending else []
-    return done, wave_sent
+        for group in run(sending, stop) if sending else ():
+            if last:
+                release(len(group))
+            done.extend(record_outcomes(ctx, group))
+    return done
 
 
 def _held_back(pause: PauseReason) -> HeldBack:
@@ -142,7 +149,7 @@ class _Wave:
 
 
 def _pool_runner(ctx: Context, pool: GatewayPool) -> Runner:
-    def run(claims: Sequence[Claim], stop: _Stop) -> list[CallResult]:
+    def run(claims: Sequence[Claim], stop: _Stop) -> Iterator[list[CallResult]]:
         wave = _Wave(ctx, stop)
 
         async def send(claim: Claim) -> CallResult:
@@ -155,15 +162,14 @@ def _pool_runner(ctx: Context, pool: GatewayPool) -> Runner:
                 return wave.answered(CallResult(claim, error=exc))
             return wave.answered(CallResult(claim, charge=charge))
 
-        return pool.run(send, claims)
+        return pool.as_answered(send, claims)
 
     return run
 
 
 def _inline_runner(ctx: Context) -> Runner:
-    def run(claims: Sequence[Claim], stop: _Stop) -> list[CallResult]:
+    def run(claims: Sequence[Claim], stop: _Stop) -> Iterator[list[CallResult]]:
         wave = _Wave(ctx, stop)
-        results = []
         for claim in claims:
             held = wave.held_back(claim)
             if held is None:
@@ -171,8 +177,7 @@ def _inline_runner(ctx: Context) -> Runner:
                     held = wave.answered(CallResult(claim, charge=ctx.gateway.charge(**_fields(claim))))
                 except Exception as exc:  # an unexpected error may have charged: recorded as unknown
                     held = wave.answered(CallResult(claim, error=exc))
-            results.append(held)
-        return results
+            yield [held]
 
     return run
 
