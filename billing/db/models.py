@@ -368,4 +368,9 @@ __all__ = [
     "Refund",
     "Subscription",
     "UTCDateTime",
+    "enum_check",
+    "enum_column",
+    "partial_index",
+    "sql_in",
+    "sql_one_of",
 ]
