@@ -224,6 +224,59 @@ def test_older_database_is_brought_to_head_with_its_data(db_url: str) -> None:
     assert _scalar(db_url, "SELECT count(*) FROM refunds") == 1
 
 
+def _seed_0002(url: str) -> None:
+    """_seed_core plus a voided refund, an outbox message and an event: a database as 0002's code left it."""
+    _seed_core(url)
+    _execute(
+        url,
+        _attempt(2, 2, "approved"),
+        "INSERT INTO refunds (id, charge_attempt_id, invoice_id, reason, state, deadline_at, requested_at)"
+        f" VALUES (1, 2, 1, 'customer asked', 'voided', '{T0}', '{T0}')",
+        "INSERT INTO outbox (task_name, kwargs, created_at, publish_attempts)"
+        f""" VALUES ('billing.execute_refund', '{{"refund_id": 1}}', '{T0}', 0)""",
+        f"INSERT INTO events (at, kind, attempt_id, data) VALUES ('{T0}', 'attempt.approved', 2, '{{}}')",
+    )
+
+
+def test_a_0002_database_keeps_its_rows_and_accepts_duplicate_attempts(db_url: str) -> None:
+    migrate.upgrade(db_url, "0002")
+    _seed_0002(db_url)
+    with pytest.raises(IntegrityError):  # what 0002's CHECK does to the state the domain now has
+        _execute(db_url, _attempt(3, 3, "duplicate"))
+
+    migrate.upgrade(db_url)
+
+    assert migrate.current_revision(db_url) == HEAD
+    assert _scalar(db_url, "SELECT count(*) FROM charge_attempts") == 2
+    assert _scalar(db_url, "SELECT error_code FROM charge_attempts WHERE order_id = 'inv-1-1'") == "51"
+    assert _scalar(db_url, "SELECT state FROM charge_attempts WHERE id = 2") == "approved"
+    assert _scalar(db_url, "SELECT charge_attempt_id FROM refunds WHERE id = 1") == 2
+    assert _scalar(db_url, "SELECT count(*) FROM outbox") == 1
+    _execute(db_url, _attempt(3, 3, "duplicate"))
+    assert _scalar(db_url, "SELECT state FROM charge_attempts WHERE id = 3") == AttemptState.DUPLICATE
+    with pytest.raises(IntegrityError):
+        _execute(db_url, _attempt(4, 4, "bogus"))
+    # The rebuilt table (SQLite) keeps its partial unique indexes and the foreign keys into it.
+    with pytest.raises(IntegrityError):
+        _execute(db_url, _attempt(4, 4, "approved"))
+    with pytest.raises(IntegrityError):
+        _execute(db_url, "UPDATE refunds SET charge_attempt_id = 99 WHERE id = 1")
+
+
+def test_downgrade_from_0003_is_refused_while_a_duplicate_attempt_exists(db_url: str) -> None:
+    migrate.upgrade(db_url)
+    _seed_0002(db_url)
+    _execute(db_url, _attempt(3, 3, "duplicate"))
+    with pytest.raises(IntegrityError):
+        migrate.downgrade(db_url, "0002")
+    assert migrate.current_revision(db_url) == HEAD
+    assert _scalar(db_url, "SELECT state FROM charge_attempts WHERE id = 3") == "duplicate"
+    _execute(db_url, "UPDATE charge_attempts SET state = 'declined' WHERE id = 3")
+    migrate.downgrade(db_url, "0002")
+    assert migrate.current_revision(db_url) == "0002"
+    assert _scalar(db_url, "SELECT count(*) FROM charge_attempts") == 3
+
+
 # --- models and migrations agree ---------------------------------------------------------------------
 
 
