@@ -6,6 +6,8 @@ through search_path, see conftest.pg_url).
 
 from __future__ import annotations
 
+import enum
+import re
 import socket
 import subprocess
 import sys
@@ -17,12 +19,28 @@ from urllib.parse import quote
 import pytest
 import sqlalchemy as sa
 from click.testing import CliRunner
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, StatementError
+from sqlalchemy.orm import Session
 
 from billing.cli import main
 from billing.db import migrate
 from billing.db.engine import make_engine, normalize_url
-from billing.db.models import Base
+from billing.db.models import (
+    Base,
+    Card,
+    ChargeAttempt,
+    Invoice,
+    Plan,
+    Subscription,
+    enum_check,
+    enum_column,
+    partial_index,
+    sql_in,
+    sql_one_of,
+)
+from billing.domain.declines import DeclineClass
+from billing.domain.periods import Interval
+from billing.domain.states import AttemptState, CardStatus, InvoiceState, RefundState, SubscriptionStatus
 
 HEAD = "0003"
 CORE_TABLES = {"control", "customers", "cards", "plans", "subscriptions", "invoices", "charge_attempts"}
@@ -206,6 +224,59 @@ def test_older_database_is_brought_to_head_with_its_data(db_url: str) -> None:
     assert _scalar(db_url, "SELECT count(*) FROM refunds") == 1
 
 
+def _seed_0002(url: str) -> None:
+    """_seed_core plus a voided refund, an outbox message and an event: a database as 0002's code left it."""
+    _seed_core(url)
+    _execute(
+        url,
+        _attempt(2, 2, "approved"),
+        "INSERT INTO refunds (id, charge_attempt_id, invoice_id, reason, state, deadline_at, requested_at)"
+        f" VALUES (1, 2, 1, 'customer asked', 'voided', '{T0}', '{T0}')",
+        "INSERT INTO outbox (task_name, kwargs, created_at, publish_attempts)"
+        f""" VALUES ('billing.execute_refund', '{{"refund_id": 1}}', '{T0}', 0)""",
+        f"INSERT INTO events (at, kind, attempt_id, data) VALUES ('{T0}', 'attempt.approved', 2, '{{}}')",
+    )
+
+
+def test_a_0002_database_keeps_its_rows_and_accepts_duplicate_attempts(db_url: str) -> None:
+    migrate.upgrade(db_url, "0002")
+    _seed_0002(db_url)
+    with pytest.raises(IntegrityError):  # what 0002's CHECK does to the state the domain now has
+        _execute(db_url, _attempt(3, 3, "duplicate"))
+
+    migrate.upgrade(db_url)
+
+    assert migrate.current_revision(db_url) == HEAD
+    assert _scalar(db_url, "SELECT count(*) FROM charge_attempts") == 2
+    assert _scalar(db_url, "SELECT error_code FROM charge_attempts WHERE order_id = 'inv-1-1'") == "51"
+    assert _scalar(db_url, "SELECT state FROM charge_attempts WHERE id = 2") == "approved"
+    assert _scalar(db_url, "SELECT charge_attempt_id FROM refunds WHERE id = 1") == 2
+    assert _scalar(db_url, "SELECT count(*) FROM outbox") == 1
+    _execute(db_url, _attempt(3, 3, "duplicate"))
+    assert _scalar(db_url, "SELECT state FROM charge_attempts WHERE id = 3") == AttemptState.DUPLICATE
+    with pytest.raises(IntegrityError):
+        _execute(db_url, _attempt(4, 4, "bogus"))
+    # The rebuilt table (SQLite) keeps its partial unique indexes and the foreign keys into it.
+    with pytest.raises(IntegrityError):
+        _execute(db_url, _attempt(4, 4, "approved"))
+    with pytest.raises(IntegrityError):
+        _execute(db_url, "UPDATE refunds SET charge_attempt_id = 99 WHERE id = 1")
+
+
+def test_downgrade_from_0003_is_refused_while_a_duplicate_attempt_exists(db_url: str) -> None:
+    migrate.upgrade(db_url)
+    _seed_0002(db_url)
+    _execute(db_url, _attempt(3, 3, "duplicate"))
+    with pytest.raises(IntegrityError):
+        migrate.downgrade(db_url, "0002")
+    assert migrate.current_revision(db_url) == HEAD
+    assert _scalar(db_url, "SELECT state FROM charge_attempts WHERE id = 3") == "duplicate"
+    _execute(db_url, "UPDATE charge_attempts SET state = 'declined' WHERE id = 3")
+    migrate.downgrade(db_url, "0002")
+    assert migrate.current_revision(db_url) == "0002"
+    assert _scalar(db_url, "SELECT count(*) FROM charge_attempts") == 3
+
+
 # --- models and migrations agree ---------------------------------------------------------------------
 
 
@@ -286,6 +357,141 @@ def test_structure_comparison_catches_a_changed_partial_index(sqlite_url: str, t
     )
     assert migrate.schema_diff(sqlite_url) == []  # alembic alone does not see it...
     assert _structure(sqlite_url) != _structure(reference)  # ...this comparison does
+
+
+# --- status columns typed by the domain enums --------------------------------------------------------
+
+# The enum-typed columns whose table carries a CHECK of the allowed values (ck_<table>_<column>).
+CHECKED_ENUM_COLUMNS = {
+    ("cards", "status"): CardStatus,
+    ("plans", "interval"): Interval,
+    ("subscriptions", "status"): SubscriptionStatus,
+    ("invoices", "state"): InvoiceState,
+    ("charge_attempts", "state"): AttemptState,
+    ("refunds", "state"): RefundState,
+}
+
+
+def _enum_columns() -> dict[tuple[str, str], type[enum.Enum]]:
+    """Every column of the models whose type is an Enum, with its Python enum."""
+    return {
+        (table.name, column.name): column.type.enum_class
+        for table in Base.metadata.tables.values()
+        for column in table.columns
+        if isinstance(column.type, sa.Enum) and column.type.enum_class is not None
+    }
+
+
+def test_the_status_columns_are_enum_typed_and_keep_their_varchar_length() -> None:
+    columns = _enum_columns()
+    assert columns == {**CHECKED_ENUM_COLUMNS, ("charge_attempts", "decline_class"): DeclineClass}
+    for table, column in columns:
+        assert Base.metadata.tables[table].c[column].type.length == (8 if column == "interval" else 16)
+
+
+def test_migrated_checks_allow_exactly_the_enum_values(db_url: str) -> None:
+    """The CHECKs that migrations 0001/0002 created list the enums' values: adding a value needs a migration."""
+    migrate.upgrade(db_url)
+    engine = _engine(db_url)
+    try:
+        with engine.connect() as conn:
+            insp = sa.inspect(conn)
+            for (table, column), enum_class in CHECKED_ENUM_COLUMNS.items():
+                checks = {str(c["name"]): str(c["sqltext"]) for c in insp.get_check_constraints(table)}
+                sqltext = checks[f"ck_{table}_{column}"]
+                assert set(re.findall(r"'([^']*)'", sqltext)) == {m.value for m in enum_class}, (table, sqltext)
+            ca_checks = {str(c["name"]) for c in insp.get_check_constraints("charge_attempts")}
+            assert "ck_charge_attempts_decline_class" not in ca_checks  # the schema has none for it
+    finally:
+        engine.dispose()
+
+
+def test_rows_written_as_plain_sql_load_as_enum_members(db_url: str) -> None:
+    """Rows as the bulk SQL path writes them (plain strings) load as members of the domain enums."""
+    migrate.upgrade(db_url)
+    _seed_core(db_url)
+    _execute(db_url, "UPDATE charge_attempts SET decline_class = 'soft' WHERE id = 1")
+    engine = make_engine(db_url)
+    try:
+        with Session(engine) as session:
+            assert session.get_one(Card, 1).status is CardStatus.USABLE
+            assert session.get_one(Plan, 1).interval is Interval.MONTH
+            assert session.get_one(Subscription, 1).status is SubscriptionStatus.ACTIVE
+            assert session.get_one(Invoice, 1).state is InvoiceState.OPEN
+            attempt = session.get_one(ChargeAttempt, 1)
+            assert attempt.state is AttemptState.DECLINED
+            assert attempt.decline_class is DeclineClass.SOFT
+            # Compared by value, so code that still compares with plain strings keeps working.
+            assert session.scalars(sa.select(Invoice.id).where(Invoice.state == "open")).all() == [1]
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.parametrize(
+    ("model", "attribute", "bad"),
+    [(ChargeAttempt, "decline_class", "declined"), (Invoice, "state", "paied"), (Card, "status", "USABLE")],
+)
+def test_a_value_outside_the_enum_is_refused_before_sql_and_changes_nothing(
+    db_url: str, model: type[Base], attribute: str, bad: str
+) -> None:
+    migrate.upgrade(db_url)
+    _seed_core(db_url)
+    engine = make_engine(db_url)
+    try:
+        with Session(engine) as session:
+            row = session.get_one(model, 1)
+            before = getattr(row, attribute)
+            setattr(row, attribute, bad)
+            with pytest.raises(StatementError) as caught:
+                session.flush()
+            # Refused by the column type, not by a database constraint (decline_class has none).
+            assert not isinstance(caught.value, IntegrityError)
+            assert isinstance(caught.value.orig, LookupError)
+            assert repr(bad) in str(caught.value.orig)
+        with Session(engine) as session:
+            assert getattr(session.get_one(model, 1), attribute) == before
+    finally:
+        engine.dispose()
+
+
+def test_every_partial_index_has_one_predicate_for_both_dialects() -> None:
+    partial = [
+        index
+        for table in Base.metadata.tables.values()
+        for index in table.indexes
+        if index.dialect_options["postgresql"]["where"] is not None
+        or index.dialect_options["sqlite"]["where"] is not None
+    ]
+    assert len(partial) == 9
+    for index in partial:
+        assert str(index.dialect_options["postgresql"]["where"]) == str(index.dialect_options["sqlite"]["where"])
+
+
+def test_generated_sql_spellings() -> None:
+    assert sql_one_of("state", AttemptState.APPROVED) == "state = 'approved'"
+    assert sql_in("state", [RefundState.REQUESTED, RefundState.SENDING]) == "state in ('requested', 'sending')"
+    assert str(enum_check("status", CardStatus).sqltext) == "status in ('usable', 'unusable')"
+    assert str(partial_index("ix_x", "id", where="published_at IS NULL").dialect_options["sqlite"]["where"]) == (
+        "published_at IS NULL"
+    )
+
+
+class _Quoted(enum.StrEnum):
+    PLAIN = "plain"
+    QUOTED = "it's"
+
+
+class _Long(enum.StrEnum):
+    LONG = "seventeen-letters"
+
+
+def test_the_helpers_refuse_what_they_cannot_spell() -> None:
+    with pytest.raises(ValueError, match="at least one value"):
+        sql_one_of("state")
+    with pytest.raises(ValueError, match="plain SQL literal"):
+        enum_check("status", _Quoted)
+    with pytest.raises(ValueError, match="17 characters, longer than the column's 16"):
+        enum_column(_Long)
 
 
 # --- the invariant the partial unique index enforces ----------------------------------------------

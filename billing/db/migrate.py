@@ -6,7 +6,9 @@
     head_revision()                            # "0003"
 
 To write a new migration, edit billing/db/models.py, then autogenerate against a database at head and
-hand-check the result (see tests/test_migrations.py, which fails while models and migrations disagree)::
+hand-check the result (see tests/test_migrations.py, which fails while models and migrations disagree).
+Autogenerate does not see CHECK constraints: adding a value to a status enum of billing.domain changes the
+CHECK that billing.db.models generates from it, and that change needs a hand-written migration::
 
     python -c "from alembic import command; from billing.db.migrate import alembic_config; \
 command.revision(alembic_config('sqlite:///dev.db'), message='...', rev_id='0003', autogenerate=True)"

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from datetime import UTC, datetime
+from enum import StrEnum
 from typing import Annotated, Any
 
 from sqlalchemy import (
@@ -10,6 +12,7 @@ from sqlalchemy import (
     BigInteger,
     CheckConstraint,
     DateTime,
+    Enum,
     ForeignKey,
     Index,
     Integer,
@@ -22,6 +25,10 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from billing.domain.declines import DeclineClass
+from billing.domain.periods import Interval
+from billing.domain.states import AttemptState, CardStatus, InvoiceState, RefundState, SubscriptionStatus
 
 NAMING_CONVENTION = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
@@ -64,6 +71,62 @@ def _fk(target: str, **kw: Any) -> Any:
     return mapped_column(BigInteger().with_variant(Integer, "sqlite"), ForeignKey(target), **kw)
 
 
+def _sql_literal(member: StrEnum) -> str:
+    # The values are identifiers chosen in billing.domain; a quote would need escaping nobody wrote.
+    if "'" in member.value:
+        raise ValueError(f"enum value {member.value!r} cannot be written as a plain SQL literal")
+    return f"'{member.value}'"
+
+
+def sql_in(column: str, members: Iterable[StrEnum]) -> str:
+    """`column in ('a', 'b')`, the SQL spelling of "one of these enum values"."""
+    return f"{column} in ({', '.join(_sql_literal(m) for m in members)})"
+
+
+def sql_one_of(column: str, *members: StrEnum) -> str:
+    """A predicate for index WHERE clauses: `column = 'a'` for one value, `column in (...)` for several."""
+    if not members:
+        raise ValueError("sql_one_of needs at least one value")
+    if len(members) == 1:
+        return f"{column} = {_sql_literal(members[0])}"
+    return sql_in(column, members)
+
+
+def enum_check(column: str, enum: type[StrEnum]) -> CheckConstraint:
+    """The CHECK that keeps `column` to the values of `enum`, named after the column (ck_<table>_<column>)."""
+    return CheckConstraint(sql_in(column, enum), name=column)
+
+
+def partial_index(name: str, *columns: str, where: str, unique: bool = False) -> Index:
+    """An index over the rows matching `where`, on PostgreSQL and SQLite alike."""
+    predicate = text(where)
+    return Index(name, *columns, unique=unique, postgresql_where=predicate, sqlite_where=predicate)
+
+
+def _enum_values(enum: type[StrEnum]) -> list[str]:
+    return [member.value for member in enum]
+
+
+def enum_column(enum: type[StrEnum], length: int = 16, **kw: Any) -> Any:
+    """A VARCHAR(length) column read and written as members of `enum`, stored by value.
+
+    Writing a string outside the enum fails before SQL is sent; the CHECK constraint, when the table has
+    one, is declared with `enum_check` so that its name and text stay those of the migrations.
+    """
+    longest = max(len(value) for value in _enum_values(enum))
+    if longest > length:
+        raise ValueError(f"{enum.__name__} has a value of {longest} characters, longer than the column's {length}")
+    column_type = Enum(
+        enum,
+        native_enum=False,
+        create_constraint=False,
+        values_callable=_enum_values,
+        validate_strings=True,
+        length=length,
+    )
+    return mapped_column(column_type, **kw)
+
+
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
     type_annotation_map = {dict[str, Any]: JSON}
@@ -92,7 +155,7 @@ class Customer(Base):
 class Card(Base):
     __tablename__ = "cards"
     __table_args__ = (
-        CheckConstraint("status in ('usable', 'unusable')", name="status"),
+        enum_check("status", CardStatus),
         Index("ix_cards_customer_status", "customer_id", "status"),
     )
     id: Mapped[BigId]
@@ -102,7 +165,7 @@ class Card(Base):
     last_four: Mapped[str | None] = mapped_column(String(4))
     exp_month: Mapped[int | None]
     exp_year: Mapped[int | None]
-    status: Mapped[str] = mapped_column(String(16), default="usable")
+    status: Mapped[CardStatus] = enum_column(CardStatus, default=CardStatus.USABLE)
     unusable_code: Mapped[str | None] = mapped_column(String(16))
     created_at: Mapped[Timestamp]
 
@@ -116,14 +179,14 @@ class Plan(Base):
         CheckConstraint("amount_minor > 0", name="amount_positive"),
         CheckConstraint("interval_count >= 1", name="interval_count_positive"),
         CheckConstraint("trial_days >= 0", name="trial_days_nonnegative"),
-        CheckConstraint("interval in ('day', 'week', 'month', 'year')", name="interval"),
+        enum_check("interval", Interval),
     )
     id: Mapped[BigId]
     code: Mapped[str] = mapped_column(String(64), unique=True)
     name: Mapped[str] = mapped_column(String(128))
     amount_minor: Mapped[AmountMinor]
     currency: Mapped[Currency]
-    interval: Mapped[str] = mapped_column(String(8))
+    interval: Mapped[Interval] = enum_column(Interval, length=8)
     interval_count: Mapped[int] = mapped_column(default=1)
     trial_days: Mapped[int] = mapped_column(default=0)
     created_at: Mapped[Timestamp]
@@ -132,21 +195,16 @@ class Plan(Base):
 class Subscription(Base):
     __tablename__ = "subscriptions"
     __table_args__ = (
-        CheckConstraint("status in ('trialing', 'active', 'past_due', 'unpaid', 'canceled')", name="status"),
+        enum_check("status", SubscriptionStatus),
         # Beat's scan: only subscriptions that will renew carry next_billing_at.
-        Index(
-            "ix_subscriptions_due",
-            "next_billing_at",
-            postgresql_where=text("next_billing_at IS NOT NULL"),
-            sqlite_where=text("next_billing_at IS NOT NULL"),
-        ),
+        partial_index("ix_subscriptions_due", "next_billing_at", where="next_billing_at IS NOT NULL"),
         Index("ix_subscriptions_customer", "customer_id"),
     )
     id: Mapped[BigId]
     customer_id: Mapped[int] = _fk("customers.id")
     plan_id: Mapped[int] = _fk("plans.id")
     card_id: Mapped[int | None] = _fk("cards.id")
-    status: Mapped[str] = mapped_column(String(16))
+    status: Mapped[SubscriptionStatus] = enum_column(SubscriptionStatus)
     anchor_at: Mapped[Timestamp]
     next_period_index: Mapped[int] = mapped_column(default=0)
     next_billing_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
@@ -163,21 +221,13 @@ class Invoice(Base):
     __tablename__ = "invoices"
     __table_args__ = (
         UniqueConstraint("subscription_id", "period_index", name="uq_invoices_subscription_period"),
-        CheckConstraint("state in ('open', 'paid', 'review', 'uncollectible', 'void')", name="state"),
+        enum_check("state", InvoiceState),
         CheckConstraint("amount_minor > 0", name="amount_positive"),
         # The charge scan: open invoices whose next attempt is scheduled.
-        Index(
-            "ix_invoices_due",
-            "due_at",
-            postgresql_where=text("state = 'open' AND due_at IS NOT NULL"),
-            sqlite_where=text("state = 'open' AND due_at IS NOT NULL"),
+        partial_index(
+            "ix_invoices_due", "due_at", where=f"{sql_one_of('state', InvoiceState.OPEN)} AND due_at IS NOT NULL"
         ),
-        Index(
-            "ix_invoices_review",
-            "updated_at",
-            postgresql_where=text("state = 'review'"),
-            sqlite_where=text("state = 'review'"),
-        ),
+        partial_index("ix_invoices_review", "updated_at", where=sql_one_of("state", InvoiceState.REVIEW)),
         Index("ix_invoices_state", "state"),
     )
     id: Mapped[BigId]
@@ -187,9 +237,11 @@ class Invoice(Base):
     period_end: Mapped[Timestamp]
     amount_minor: Mapped[AmountMinor]
     currency: Mapped[Currency]
-    state: Mapped[str] = mapped_column(String(16))
+    state: Mapped[InvoiceState] = enum_column(InvoiceState)
     due_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
-    attempt_count: Mapped[int] = mapped_column(default=0)
+    # invoices.attempt_count stays in the schema (NOT NULL, no server default) but nothing reads it: the
+    # attempts are the rows of charge_attempts. Mapped under a private name only so inserts still fill it.
+    _attempt_count: Mapped[int] = mapped_column("attempt_count", default=0)
     soft_failures: Mapped[int] = mapped_column(default=0)
     first_failure_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     last_error_code: Mapped[str | None] = mapped_column(String(16))
@@ -203,37 +255,27 @@ class ChargeAttempt(Base):
     __tablename__ = "charge_attempts"
     __table_args__ = (
         UniqueConstraint("invoice_id", "attempt_number", name="uq_charge_attempts_invoice_number"),
-        CheckConstraint(
-            "state in ('pending', 'sending', 'approved', 'declined', 'unknown', 'not_sent', 'duplicate')", name="state"
-        ),
+        enum_check("state", AttemptState),
         # Invariant 1 in the database: at most one approved attempt per invoice...
-        Index(
+        partial_index(
             "uq_charge_attempts_one_approved",
             "invoice_id",
             unique=True,
-            postgresql_where=text("state = 'approved'"),
-            sqlite_where=text("state = 'approved'"),
+            where=sql_one_of("state", AttemptState.APPROVED),
         ),
         # ...and at most one attempt in flight or unresolved per invoice (invariant 3).
-        Index(
+        partial_index(
             "uq_charge_attempts_one_open",
             "invoice_id",
             unique=True,
-            postgresql_where=text("state in ('pending', 'sending', 'unknown')"),
-            sqlite_where=text("state in ('pending', 'sending', 'unknown')"),
+            where=sql_one_of("state", AttemptState.PENDING, AttemptState.SENDING, AttemptState.UNKNOWN),
         ),
-        Index(
+        partial_index(
             "ix_charge_attempts_inflight",
             "lease_expires_at",
-            postgresql_where=text("state in ('pending', 'sending')"),
-            sqlite_where=text("state in ('pending', 'sending')"),
+            where=sql_one_of("state", AttemptState.PENDING, AttemptState.SENDING),
         ),
-        Index(
-            "ix_charge_attempts_unknown",
-            "id",
-            postgresql_where=text("state = 'unknown'"),
-            sqlite_where=text("state = 'unknown'"),
-        ),
+        partial_index("ix_charge_attempts_unknown", "id", where=sql_one_of("state", AttemptState.UNKNOWN)),
         Index("ix_charge_attempts_tpaga_charge", "tpaga_charge_id"),
         Index("ix_charge_attempts_finished", "finished_at"),
     )
@@ -244,11 +286,12 @@ class ChargeAttempt(Base):
     card_id: Mapped[int] = _fk("cards.id")
     amount_minor: Mapped[AmountMinor]
     currency: Mapped[Currency]
-    state: Mapped[str] = mapped_column(String(16))
+    state: Mapped[AttemptState] = enum_column(AttemptState)
     tpaga_charge_id: Mapped[str | None] = mapped_column(String(64))
     error_code: Mapped[str | None] = mapped_column(String(16))
     error_message: Mapped[str | None] = mapped_column(String(255))
-    decline_class: Mapped[str | None] = mapped_column(String(16))
+    # No CHECK in the schema for this one: the enum is enforced on write by the column type only.
+    decline_class: Mapped[DeclineClass | None] = enum_column(DeclineClass)
     http_status: Mapped[int | None]
     authorization_code: Mapped[str | None] = mapped_column(String(64))
     unknown_reason: Mapped[str | None] = mapped_column(String(64))
@@ -263,19 +306,16 @@ class Refund(Base):
     __tablename__ = "refunds"
     __table_args__ = (
         UniqueConstraint("charge_attempt_id", name="uq_refunds_charge_attempt"),
-        CheckConstraint("state in ('requested', 'sending', 'voided', 'rejected', 'expired', 'unknown')", name="state"),
-        Index(
-            "ix_refunds_due",
-            "deadline_at",
-            postgresql_where=text("state in ('requested', 'sending')"),
-            sqlite_where=text("state in ('requested', 'sending')"),
+        enum_check("state", RefundState),
+        partial_index(
+            "ix_refunds_due", "deadline_at", where=sql_one_of("state", RefundState.REQUESTED, RefundState.SENDING)
         ),
     )
     id: Mapped[BigId]
     charge_attempt_id: Mapped[int] = _fk("charge_attempts.id")
     invoice_id: Mapped[int] = _fk("invoices.id")
     reason: Mapped[str] = mapped_column(String(255))
-    state: Mapped[str] = mapped_column(String(16))
+    state: Mapped[RefundState] = enum_column(RefundState)
     deadline_at: Mapped[Timestamp]
     lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     http_status: Mapped[int | None]
@@ -288,14 +328,7 @@ class OutboxMessage(Base):
     """A task intent written in the same transaction as the state change it follows from."""
 
     __tablename__ = "outbox"
-    __table_args__ = (
-        Index(
-            "ix_outbox_unpublished",
-            "id",
-            postgresql_where=text("published_at IS NULL"),
-            sqlite_where=text("published_at IS NULL"),
-        ),
-    )
+    __table_args__ = (partial_index("ix_outbox_unpublished", "id", where="published_at IS NULL"),)
     id: Mapped[BigId]
     task_name: Mapped[str] = mapped_column(String(128))
     kwargs: Mapped[dict[str, Any]]
@@ -335,4 +368,9 @@ __all__ = [
     "Refund",
     "Subscription",
     "UTCDateTime",
+    "enum_check",
+    "enum_column",
+    "partial_index",
+    "sql_in",
+    "sql_one_of",
 ]
