@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 from billing.db import bulk, cas
 from billing.db.models import ChargeAttempt, Invoice
 from billing.domain.declines import DeclineClass, classify
-from billing.domain.states import AttemptState, InvoiceState
+from billing.domain.states import AttemptState, InvoiceState, RefundState
 from billing.gateway.models import Charge
 from billing.services import events, refunds
 from billing.services.charging.attempts import Outcome
@@ -148,7 +148,7 @@ def _void_unwanted(ctx: Context, session: Session, now: datetime, answer: Answer
     """A refund of a charge nobody wanted, inside the void window; flagged when the window has passed."""
     approved_at = min(answer.approved_at or now, now)
     refund = refunds.open_refund(ctx, session, now, answer.attempt_id, answer.invoice_id, approved_at, reason)
-    if refund.state == "expired":
+    if refund.state == RefundState.EXPIRED:
         events.record(
             session,
             now,
