@@ -172,7 +172,7 @@ def unvoided_approvals(world: World, invoice_id: int) -> list[dict[str, Any]]:
 # --- defect 2: a late approval after the operator's --not-charged ------------------------------------------
 
 
-def test_a_late_approval_after_not_charged_is_recorded_on_its_attempt_flagged_and_refundable(world: World):
+def test_a_late_approval_after_not_charged_is_recorded_on_its_attempt_flagged_and_refundable(world: World) -> None:
     _, invoice_id, _ = world.subscriber()
     world.emulator.faults(nextCharges=["slow"], slowSeconds=SLOW_SECONDS)
     first = world.in_background(lambda: charge_invoice(world.ctx, invoice_id))
@@ -196,7 +196,7 @@ def test_a_late_approval_after_not_charged_is_recorded_on_its_attempt_flagged_an
 
 
 @pytest.mark.xfail(strict=True, reason="needs the duplicate state migration (charge_attempts.state CHECK)")
-def test_a_late_approval_after_the_retry_was_approved_is_a_duplicate_and_voided(world: World):
+def test_a_late_approval_after_the_retry_was_approved_is_a_duplicate_and_voided(world: World) -> None:
     _, invoice_id, _ = world.subscriber()
     world.emulator.faults(nextCharges=["slow"], slowSeconds=SLOW_SECONDS)
     first = world.in_background(lambda: charge_invoice(world.ctx, invoice_id))
@@ -221,7 +221,9 @@ def test_a_late_approval_after_the_retry_was_approved_is_a_duplicate_and_voided(
 # --- defect 4: a card attached while the old card's charge is in flight -------------------------------------
 
 
-def test_a_card_attached_while_the_old_cards_charge_is_in_flight_is_charged_after_the_hard_decline(world: World):
+def test_a_card_attached_while_the_old_cards_charge_is_in_flight_is_charged_after_the_hard_decline(
+    world: World,
+) -> None:
     subscription_id, invoice_id, old_card = world.subscriber(HARD_DECLINE_04)
     world.emulator.faults(nextCharges=["slow"], slowSeconds=SLOW_SECONDS)
     first = world.in_background(lambda: charge_invoice(world.ctx, invoice_id))
@@ -258,7 +260,7 @@ def unknown_attempt_with_charge_id(world: World, invoice_id: int) -> tuple[int, 
     return attempt.id, charge_id
 
 
-def test_a_charge_voided_at_tpaga_settles_its_attempt_without_stopping_the_sweep_or_the_probe(world: World):
+def test_a_charge_voided_at_tpaga_settles_its_attempt_without_stopping_the_sweep_or_the_probe(world: World) -> None:
     from tasks.app import runtime
     from tasks.periodic import reconcile_attempts
 

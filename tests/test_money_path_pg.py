@@ -61,7 +61,7 @@ def backends_waiting(pg_url: str, event_type: str, event: str | None = None) -> 
         engine.dispose()
 
 
-def test_a_cancel_racing_a_claim_voids_the_invoice_and_nothing_is_charged(pg_world: World, pg_url: str):
+def test_a_cancel_racing_a_claim_voids_the_invoice_and_nothing_is_charged(pg_world: World, pg_url: str) -> None:
     world = pg_world
     subscription_id, invoice_id, _ = world.subscriber()
     # The claim's transaction sleeps after writing its attempt, holding the invoice's row lock: the cancel

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
-from sqlalchemy import exists, select, update
+from sqlalchemy import select
+from sqlalchemy.orm import Session
 
+from billing.db import cas
 from billing.db.models import ChargeAttempt, Invoice, Subscription
-from billing.domain.states import AttemptState, InvoiceState, SubscriptionStatus
+from billing.domain.states import InvoiceState, SubscriptionStatus
 from billing.services import events
+from billing.services.charging.attempts import IN_FLIGHT
 from billing.services.context import Context
 from billing.services.errors import InvalidRequest, NotFound
 from billing.services.refunds import request_refund
@@ -46,26 +50,13 @@ def cancel_subscription(
                 "cancel_at": sub.cancel_at.isoformat(),
             }
         else:
-            session.execute(
-                update(Subscription)
-                .where(Subscription.id == subscription_id, Subscription.status != SubscriptionStatus.CANCELED)
-                .values(status=SubscriptionStatus.CANCELED, canceled_at=now, next_billing_at=None, updated_at=now)
-            )
-            in_flight = exists().where(
-                ChargeAttempt.invoice_id == Invoice.id,
-                ChargeAttempt.state.in_((AttemptState.PENDING, AttemptState.SENDING, AttemptState.UNKNOWN)),
-            )
-            session.execute(
-                update(Invoice)
-                .where(Invoice.subscription_id == subscription_id, Invoice.state == InvoiceState.OPEN, ~in_flight)
-                .values(state=InvoiceState.VOID, due_at=None, updated_at=now)
-                .execution_options(synchronize_session=False)
-            )
-            events.record(session, now, "subscription.canceled", subscription_id=subscription_id)
+            changed = _cancel_now(session, now, subscription_id)
+            if changed:
+                events.record(session, now, "subscription.canceled", subscription_id=subscription_id)
             result = {
                 "subscription_id": subscription_id,
                 "status": SubscriptionStatus.CANCELED,
-                "changed": True,
+                "changed": changed,
             }
         if refund_last_charge:
             last_paid = session.execute(
@@ -80,3 +71,52 @@ def cancel_subscription(
         else:
             result["refund"] = request_refund(ctx, invoice_id=last_paid, reason="subscription canceled").as_dict()
     return result
+
+
+def _cancel_now(session: Session, now: datetime, subscription_id: int) -> bool:
+    """Cancel, voiding the open invoices that have no charge in flight; False when a concurrent cancel won.
+
+    The open invoices are locked first (a claim or `mark_sending` holding one is waited for), and which of them
+    have a charge in flight is read only then, by a statement of its own: in READ COMMITTED a single UPDATE
+    with a NOT EXISTS would re-check the invoice row after the wait but read the attempts from its old
+    snapshot, missing the attempt the claim just committed. A `pending` attempt has not left; `mark_sending`
+    refuses it once the invoice is void. Invoices before subscription: the order the charge path locks in.
+    """
+    locked = list(
+        session.execute(
+            select(Invoice.id)
+            .where(Invoice.subscription_id == subscription_id, Invoice.state == InvoiceState.OPEN)
+            .order_by(Invoice.id)
+            .with_for_update()
+        ).scalars()
+    )
+    in_flight = (
+        set(
+            session.execute(
+                select(ChargeAttempt.invoice_id).where(
+                    ChargeAttempt.invoice_id.in_(locked), ChargeAttempt.state.in_(IN_FLIGHT)
+                )
+            ).scalars()
+        )
+        if locked
+        else set()
+    )
+    cas.transition_ids(
+        session,
+        Invoice,
+        [i for i in locked if i not in in_flight],
+        InvoiceState.VOID,
+        now=now,
+        due_at=None,
+        updated_at=now,
+    )
+    return cas.transition(
+        session,
+        Subscription,
+        subscription_id,
+        SubscriptionStatus.CANCELED,
+        now=now,
+        canceled_at=now,
+        next_billing_at=None,
+        updated_at=now,
+    )

@@ -227,17 +227,42 @@ def _await_card(session: Session, now: datetime, invoice_id: int, subscription_i
 def mark_sending(ctx: Context, claims: Sequence[Claim]) -> tuple[list[Claim], list[ChargeOutcome]]:
     """Second commit: the attempts are in flight with a lease before the requests leave.
 
-    A claim whose attempt is no longer `pending` (reconciliation gave up on it) is `lost_claim`, not sent.
+    The invoices are locked first, which serializes this with `cancel_subscription`: a claim whose invoice was
+    voided or whose subscription was canceled since the claim is `void`, its attempt `not_sent`; one whose
+    invoice left `open` otherwise, or whose attempt is no longer `pending` (reconciliation gave up on it), is
+    `lost_claim`. Neither is sent.
     """
     if not claims:
         return [], []
     now = ctx.clock.now()
+    refused: dict[int, Outcome] = {}
     with ctx.unit_of_work() as session:
+        invoices = bulk.lock_rows(session, Invoice, [c.invoice_id for c in claims], "state", "subscription_id")
+        subscription_ids = sorted({i.subscription_id for i in invoices.values()})
+        canceled = set(
+            session.execute(
+                select(Subscription.id).where(
+                    bulk.id_in(Subscription.id, subscription_ids, bulk.dialect_of(session)),
+                    Subscription.status == SubscriptionStatus.CANCELED,
+                )
+            ).scalars()
+        )
+        for claim in claims:
+            invoice = invoices.get(claim.invoice_id)
+            if invoice is not None and invoice.state == InvoiceState.OPEN and invoice.subscription_id not in canceled:
+                continue
+            if invoice is None or invoice.state not in (InvoiceState.OPEN, InvoiceState.VOID):
+                refused[claim.attempt_id] = Outcome.LOST_CLAIM
+                reason = f"invoice {invoice.state if invoice else 'missing'} before sending"
+            else:
+                refused[claim.attempt_id] = Outcome.VOID
+                reason = "subscription canceled before sending"
+            _refuse_sending(session, now, claim, invoice is not None and invoice.state == InvoiceState.OPEN, reason)
         marked = set(
             cas.transition_ids(
                 session,
                 ChargeAttempt,
-                [c.attempt_id for c in claims],
+                [c.attempt_id for c in claims if c.attempt_id not in refused],
                 AttemptState.SENDING,
                 now=now,
                 sent_at=now,
@@ -245,5 +270,30 @@ def mark_sending(ctx: Context, claims: Sequence[Claim]) -> tuple[list[Claim], li
             )
         )
     sending = [c for c in claims if c.attempt_id in marked]
-    lost = [ChargeOutcome(c.invoice_id, Outcome.LOST_CLAIM, c.attempt_id) for c in claims if c.attempt_id not in marked]
+    lost = [
+        ChargeOutcome(c.invoice_id, refused.get(c.attempt_id, Outcome.LOST_CLAIM), c.attempt_id)
+        for c in claims
+        if c.attempt_id not in marked
+    ]
     return sending, lost
+
+
+def _refuse_sending(session: Session, now: datetime, claim: Claim, still_open: bool, reason: str) -> None:
+    """The claim's invoice may no longer be charged: its attempt never leaves (`not_sent`). An invoice still
+    open of a canceled subscription is voided, as a claim would have done."""
+    if not cas.transition(
+        session,
+        ChargeAttempt,
+        claim.attempt_id,
+        AttemptState.NOT_SENT,
+        now=now,
+        error_message=reason,
+        finished_at=now,
+        lease_expires_at=None,
+    ):
+        return  # no longer pending: reconciliation settled it first
+    if still_open:
+        cas.transition(session, Invoice, claim.invoice_id, InvoiceState.VOID, now=now, due_at=None, updated_at=now)
+    events.record(
+        session, now, "charge.not_sent", invoice_id=claim.invoice_id, attempt_id=claim.attempt_id, error=reason
+    )
