@@ -195,7 +195,6 @@ def test_a_late_approval_after_not_charged_is_recorded_on_its_attempt_flagged_an
     assert unvoided_approvals(world, invoice_id) == []
 
 
-@pytest.mark.xfail(strict=True, reason="needs the duplicate state migration (charge_attempts.state CHECK)")
 def test_a_late_approval_after_the_retry_was_approved_is_a_duplicate_and_voided(world: World) -> None:
     _, invoice_id, _ = world.subscriber()
     world.emulator.faults(nextCharges=["slow"], slowSeconds=SLOW_SECONDS)
