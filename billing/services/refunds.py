@@ -77,7 +77,8 @@ def open_refund(
     existing = session.execute(select(Refund).where(Refund.charge_attempt_id == attempt_id)).scalar_one_or_none()
     if existing is not None:
         return RefundOutcome(existing.id, existing.state)
-    deadline = refund_deadline(approved_at, ctx.refund_window, ctx.timezone) - ctx.refund_safety_margin
+    # Tpaga's window, not the billing time zone: its "same day" is always Bogota's.
+    deadline = refund_deadline(approved_at, ctx.refund_window, ctx.refund_safety_margin)
     expired = now >= deadline
     refund = Refund(
         charge_attempt_id=attempt_id,
