@@ -1,4 +1,4 @@
-"""Refunds on the money path, against the bundled emulator over real HTTP (issue 11, defects 5 and 8).
+"""Refunds on the money path, against the bundled emulator over real HTTP (issue 11, defects 5, 8 and 12).
 
 Each test keeps our clock and the emulator's in step (Tpaga measures its void window on its own clock) and
 checks the emulator's ledger for what reached Tpaga: a void that Tpaga would refuse must never be sent.
@@ -15,6 +15,7 @@ import pytest
 import requests
 from sqlalchemy import select
 
+import tasks
 from billing.clock import TestClock
 from billing.db.engine import make_engine, make_session_factory
 from billing.db.models import Base, ChargeAttempt, Event, Invoice, Refund
@@ -25,8 +26,10 @@ from billing.sandbox.server import DEFAULT_PRIVATE_KEY, DEFAULT_PUBLIC_KEY
 from billing.services import catalog, invoicing
 from billing.services.charging import charge_invoice
 from billing.services.context import Context
+from billing.services.errors import InvalidRequest
 from billing.services.reconcile import resolve_review
 from billing.services.refunds import due_refund_ids, execute_refund, expire_refunds, request_refund
+from tasks.errors import TaskInputError
 
 APPROVING = "4111111111111111"
 MARGIN = timedelta(minutes=5)
@@ -296,3 +299,51 @@ def test_a_refund_whose_worker_was_lost_while_sending_is_tried_again(make_shop: 
     shop.advance(timedelta(minutes=1))
     assert shop.run_refunds() == ["voided"]
     assert [r["outcome"] for r in shop.ledger()["refunds"]] == ["voided"]
+
+
+# --- D12: refund requests that must be refused ---------------------------------------------------------
+
+
+@pytest.fixture
+def pg_shop(make_shop: Callable[..., Shop], pg_url: str) -> Iterator[Shop]:
+    shop = make_shop(url=pg_url)
+    tasks.runtime.use_factory(lambda: shop.ctx)
+    yield shop
+    tasks.runtime.use_factory(None)
+
+
+@pytest.mark.parametrize("reason", ["asked\x00", "line\nbreak", "tab\there", "bell\x07", "c1\x85"])
+def test_a_refund_reason_with_a_control_character_is_refused_and_changes_nothing(pg_shop: Shop, reason: str) -> None:
+    invoice_id = pg_shop.paid_invoice()
+    with pytest.raises(TaskInputError, match="reason must not contain control characters"):
+        tasks.app.tasks["billing.request_refund"](invoice_id=invoice_id, reason=reason)
+    with pytest.raises(InvalidRequest, match="control characters"):
+        request_refund(pg_shop.ctx, invoice_id=invoice_id, reason=reason)
+    with pg_shop.ctx.sessions() as s:
+        assert s.execute(select(Refund)).first() is None
+    assert pg_shop.ledger()["refunds"] == []
+
+
+def test_a_refund_of_a_declined_charge_is_refused_not_moved_to_the_invoices_approved_one(pg_shop: Shop) -> None:
+    invoice_id = pg_shop.open_invoice()
+    card = pg_shop.ledger()  # no charge yet: script the card's first charge to decline with a soft code
+    assert card["charges"] == []
+    with pg_shop.ctx.sessions() as s:
+        from billing.db.models import Card
+
+        tpaga_card = s.execute(select(Card.tpaga_card_id)).scalar_one()
+    pg_shop._sandbox("script", {"creditCard": tpaga_card, "outcomes": ["51"]})
+    assert str(charge_invoice(pg_shop.ctx, invoice_id).outcome) == "declined"
+    pg_shop.advance(timedelta(days=1, minutes=5))  # the dunning retry approves
+    assert str(charge_invoice(pg_shop.ctx, invoice_id).outcome) == "approved"
+    with pg_shop.ctx.sessions() as s:
+        declined, approved = s.execute(
+            select(ChargeAttempt.id).where(ChargeAttempt.invoice_id == invoice_id).order_by(ChargeAttempt.id)
+        ).scalars()
+    task = tasks.app.tasks["billing.request_refund"]
+    with pytest.raises(TaskInputError, match=f"charge {declined} was not approved"):
+        task(charge_id=declined, reason="customer asked")
+    with pg_shop.ctx.sessions() as s:
+        assert s.execute(select(Refund)).first() is None
+    result = task(charge_id=approved, reason="customer asked")
+    assert (result["invoice_id"], result["state"]) == (invoice_id, "requested")

@@ -8,6 +8,7 @@ flagged for a person. While a refund is `unknown`, its `lease_expires_at` holds 
 from __future__ import annotations
 
 import logging
+import unicodedata
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -46,38 +47,61 @@ class RefundOutcome:
         return {"refund_id": self.refund_id, "state": str(self.state), "created": self.created}
 
 
-def request_refund(ctx: Context, *, invoice_id: int, reason: str) -> RefundOutcome:
-    """Record a refund of the invoice's approved charge and enqueue it; a second request returns the first."""
-    if not isinstance(reason, str) or not reason.strip() or len(reason) > 255:
-        raise InvalidRequest("reason must be a non-empty string of at most 255 characters")
+def request_refund(
+    ctx: Context, *, reason: str, invoice_id: int | None = None, attempt_id: int | None = None
+) -> RefundOutcome:
+    """Record a refund of a charge and enqueue it; a second request for the same charge returns the first.
+
+    Name the charge by its invoice (the invoice's approved attempt) or by its attempt, which must have been
+    approved: a declined attempt is refused, never swapped for another attempt of its invoice.
+    """
+    if (invoice_id is None) == (attempt_id is None):
+        raise InvalidRequest("give exactly one of invoice_id or charge_id")
+    reason = _checked_reason(reason)
     now = ctx.clock.now()
     try:
         with ctx.unit_of_work() as session:
-            return _request(ctx, session, now, invoice_id, reason.strip())
+            return _request(ctx, session, now, invoice_id, attempt_id, reason)
     except IntegrityError:
-        # A concurrent request for the same charge won the unique constraint: return its refund.
-        with ctx.sessions() as session:
-            refund = session.execute(
-                select(Refund)
-                .join(ChargeAttempt, ChargeAttempt.id == Refund.charge_attempt_id)
-                .where(Refund.invoice_id == invoice_id, ChargeAttempt.state == AttemptState.APPROVED)
-            ).scalar_one()
-            return RefundOutcome(refund.id, refund.state)
+        # A concurrent request for the same charge won the unique constraint: this run finds its refund.
+        with ctx.unit_of_work() as session:
+            return _request(ctx, session, now, invoice_id, attempt_id, reason)
 
 
-def _request(ctx: Context, session: Session, now: datetime, invoice_id: int, reason: str) -> RefundOutcome:
-    invoice = session.get(Invoice, invoice_id)
-    if invoice is None:
-        raise NotFound(f"invoice {invoice_id} does not exist")
-    attempt = session.execute(
-        select(ChargeAttempt).where(
-            ChargeAttempt.invoice_id == invoice_id, ChargeAttempt.state == AttemptState.APPROVED
-        )
-    ).scalar_one_or_none()
-    if attempt is None:
-        raise InvalidRequest(f"invoice {invoice_id} has no approved charge to refund")
+def _checked_reason(reason: object) -> str:
+    if not isinstance(reason, str) or not reason.strip() or len(reason) > 255:
+        raise InvalidRequest("reason must be a non-empty string of at most 255 characters")
+    if any(unicodedata.category(c) == "Cc" for c in reason):
+        # PostgreSQL refuses NUL in text, and no other control character belongs in an operator's note.
+        raise InvalidRequest("reason must not contain control characters (NUL, newlines, tabs, escapes)")
+    return reason.strip()
+
+
+def _request(
+    ctx: Context, session: Session, now: datetime, invoice_id: int | None, attempt_id: int | None, reason: str
+) -> RefundOutcome:
+    if attempt_id is not None:
+        attempt = session.get(ChargeAttempt, attempt_id)
+        if attempt is None:
+            raise NotFound(f"charge {attempt_id} does not exist")
+        existing = session.execute(select(Refund).where(Refund.charge_attempt_id == attempt_id)).scalar_one_or_none()
+        if existing is not None:
+            return RefundOutcome(existing.id, existing.state, invoice_id=existing.invoice_id)
+        if attempt.state != AttemptState.APPROVED:
+            raise InvalidRequest(f"charge {attempt_id} was not approved (state {attempt.state}): nothing to refund")
+    else:
+        if session.get(Invoice, invoice_id) is None:
+            raise NotFound(f"invoice {invoice_id} does not exist")
+        found = session.execute(
+            select(ChargeAttempt).where(
+                ChargeAttempt.invoice_id == invoice_id, ChargeAttempt.state == AttemptState.APPROVED
+            )
+        ).scalar_one_or_none()
+        if found is None:
+            raise InvalidRequest(f"invoice {invoice_id} has no approved charge to refund")
+        attempt = found
     approved_at = attempt.approved_at or attempt.finished_at or now
-    return open_refund(ctx, session, now, attempt.id, invoice_id, approved_at, reason)
+    return open_refund(ctx, session, now, attempt.id, attempt.invoice_id, approved_at, reason)
 
 
 def open_refund(
