@@ -108,10 +108,11 @@ def enqueue_due_invoices(ctx: Context) -> dict[str, Any]:
 
 @_periodic(names.RUN_REFUNDS)
 def run_refunds(ctx: Context) -> dict[str, Any]:
-    """Expire requested refunds whose void window has passed (Tpaga not called) and enqueue the others."""
+    """Expire requested refunds whose void window has passed (Tpaga not called) and enqueue the others, with
+    the unknown ones whose next try has come."""
     expired = refunds.expire_refunds(ctx)
     with ctx.sessions() as session:
-        ids = refunds.due_refund_ids(session, limit=REFUND_BATCH)
+        ids = refunds.due_refund_ids(session, ctx.clock.now(), limit=REFUND_BATCH)
     for refund_id in ids:
         _send(names.EXECUTE_REFUND, refund_id=refund_id)
     return {"expired": expired, "enqueued": len(ids)}

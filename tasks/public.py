@@ -9,10 +9,8 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
-from billing.db.models import ChargeAttempt
 from billing.gateway import errors as gw
 from billing.services import catalog, charging, refunds, subscriptions
-from billing.services.errors import NotFound
 from tasks import config as names
 from tasks.app import runtime, task
 from tasks.errors import GatewayError, TaskInputError, TransientError
@@ -34,21 +32,15 @@ def charge_invoices(*, invoice_ids: list[int]) -> dict[str, Any]:
 
 @task(names.REQUEST_REFUND)
 def request_refund(*, reason: str, invoice_id: int | None = None, charge_id: int | None = None) -> dict[str, Any]:
-    """Record a refund (void) of an invoice's approved charge and enqueue its execution; idempotent.
+    """Record a refund (void) of an approved charge and enqueue its execution; idempotent.
 
-    Name the charge by `invoice_id`, or by `charge_id` (the `attempt_id` that charge_invoice returned).
+    Name the charge by `invoice_id` (its approved charge), or by `charge_id` (the `attempt_id` that
+    charge_invoice returned), which must be an approved charge: a declined one is refused.
     """
     if (invoice_id is None) == (charge_id is None):
         raise TaskInputError(f"{names.REQUEST_REFUND}: give exactly one of invoice_id or charge_id")
-    ctx = runtime.context()
-    if invoice_id is None:
-        with ctx.sessions() as session:
-            attempt = session.get(ChargeAttempt, charge_id)
-            if attempt is None:
-                raise NotFound(f"charge {charge_id} does not exist")
-            invoice_id = attempt.invoice_id
-    outcome = refunds.request_refund(ctx, invoice_id=invoice_id, reason=reason)
-    return {"invoice_id": invoice_id, **outcome.as_dict()}
+    outcome = refunds.request_refund(runtime.context(), reason=reason, invoice_id=invoice_id, attempt_id=charge_id)
+    return {"invoice_id": outcome.invoice_id, **outcome.as_dict()}
 
 
 @task(names.ATTACH_CARD)

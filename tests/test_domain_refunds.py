@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from zoneinfo import ZoneInfo
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from billing.domain.refunds import RefundWindow, is_refundable, refund_deadline
+from billing.domain.refunds import RefundWindow, is_refundable, refund_deadline, window_end
 
 BOGOTA = ZoneInfo("America/Bogota")
 
@@ -47,20 +47,6 @@ def test_a_same_day_window_uses_the_bogota_date_not_the_utc_date() -> None:
     assert is_refundable(approved_at, approved_at + timedelta(hours=23, minutes=59), RefundWindow.H24)
 
 
-def test_a_same_day_deadline_in_another_zone_is_that_zones_midnight() -> None:
-    approved_at = datetime(2026, 3, 3, 20, 0, tzinfo=UTC)
-    assert refund_deadline(approved_at, "same_day", tz="UTC") == datetime(2026, 3, 4, tzinfo=UTC)
-    assert refund_deadline(approved_at, "same_day", tz="Asia/Tokyo") == datetime(2026, 3, 4, 15, 0, tzinfo=UTC)
-
-
-def test_a_same_day_deadline_on_a_day_whose_midnight_is_skipped_is_when_the_next_day_begins() -> None:
-    # Chile sprang forward from 00:00 to 01:00 on 2022-09-11
-    santiago = ZoneInfo("America/Santiago")
-    deadline = refund_deadline(datetime(2022, 9, 10, 15, 0, tzinfo=santiago), "same_day", tz="America/Santiago")
-    assert deadline == datetime(2022, 9, 11, 4, 0, tzinfo=UTC)
-    assert deadline.astimezone(santiago) == datetime(2022, 9, 11, 1, 0, tzinfo=santiago)
-
-
 @pytest.mark.parametrize(
     ("offset", "refundable"),
     [
@@ -90,6 +76,57 @@ def test_a_charge_approved_at_23_30_in_bogota_is_refundable_same_day_only_until_
     assert is_refundable(bogota(2026, 3, 3, 23, 30), now, RefundWindow.SAME_DAY) is refundable
 
 
+MARGIN = timedelta(minutes=5)
+
+
+@pytest.mark.parametrize(
+    ("approved_at", "window", "deadline"),
+    [
+        # 24h: the margin comes off the deadline (the same as taking it off the approval time)
+        (bogota(2026, 3, 3, 10, 0), "24h", bogota(2026, 3, 4, 9, 55)),
+        (bogota(2026, 3, 4, 0, 1), "24h", bogota(2026, 3, 4, 23, 56)),
+        # same_day inside the day: the margin leaves the void room to arrive before midnight
+        (bogota(2026, 3, 3, 10, 0), "same_day", bogota(2026, 3, 3, 23, 55)),
+        (bogota(2026, 3, 3, 23, 54), "same_day", bogota(2026, 3, 3, 23, 55)),
+        # recorded late in the evening: the deadline is already behind it (refunds are expired at once)
+        (bogota(2026, 3, 3, 23, 57), "same_day", bogota(2026, 3, 3, 23, 55)),
+        # recorded within the margin after midnight: Tpaga may have approved it the day before, whose
+        # window closed at that midnight (the old rule gave 23:55 of the next day here)
+        (bogota(2026, 3, 4, 0, 0), "same_day", bogota(2026, 3, 4)),
+        (bogota(2026, 3, 4, 0, 1), "same_day", bogota(2026, 3, 4)),
+        (bogota(2026, 3, 4, 0, 4, 59), "same_day", bogota(2026, 3, 4)),
+        # past the margin: the approval is surely today's
+        (bogota(2026, 3, 4, 0, 5), "same_day", bogota(2026, 3, 4, 23, 55)),
+    ],
+)
+def test_the_safety_margin_keeps_the_deadline_inside_tpagas_window(
+    approved_at: datetime, window: str, deadline: datetime
+) -> None:
+    assert refund_deadline(approved_at, window, MARGIN) == deadline
+
+
+margins = st.timedeltas(min_value=timedelta(0), max_value=timedelta(hours=2))
+
+
+@given(
+    day=st.dates(min_value=date(2000, 1, 1), max_value=date(2100, 1, 1)),
+    after_midnight=st.timedeltas(min_value=timedelta(hours=-3), max_value=timedelta(hours=3)),
+    lag=st.floats(min_value=0, max_value=1),
+    margin=margins,
+    window=st.sampled_from(list(RefundWindow)),
+)
+def test_the_deadline_is_never_later_than_tpagas_for_any_approval_within_the_margin(
+    day: date, after_midnight: timedelta, lag: float, margin: timedelta, window: RefundWindow
+) -> None:
+    # Recorded near a Bogota midnight, where the same-day rule is decided; Tpaga approved at most `margin`
+    # before we recorded the approval.
+    approved_at = datetime(day.year, day.month, day.day, tzinfo=BOGOTA) + after_midnight
+    tpaga_approved_at = approved_at - margin * lag
+    deadline = refund_deadline(approved_at, window, margin)
+    assert deadline <= window_end(tpaga_approved_at, window)
+    assert deadline <= window_end(approved_at, window) - margin
+
+
 NAIVE = datetime(2026, 3, 3, 10, 0)
 
 
@@ -98,7 +135,7 @@ NAIVE = datetime(2026, 3, 3, 10, 0)
     [
         (lambda: refund_deadline(NAIVE, "24h"), "approved_at must be timezone-aware"),
         (lambda: refund_deadline(bogota(2026, 3, 3), "48h"), "unknown refund window '48h'"),
-        (lambda: refund_deadline(bogota(2026, 3, 3), "same_day", tz="Nowhere/Special"), "unknown time zone"),
+        (lambda: refund_deadline(bogota(2026, 3, 3), "24h", timedelta(minutes=-1)), "margin must be a non-negative"),
         (lambda: is_refundable(bogota(2026, 3, 3), NAIVE, "24h"), "now must be timezone-aware"),
     ],
 )

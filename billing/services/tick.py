@@ -61,7 +61,7 @@ def run_tick(ctx: Context, *, threads: int = 8) -> dict[str, Any]:
             break
     report["refunds_expired"] = refunds.expire_refunds(ctx)
     with ctx.sessions() as session:
-        refund_ids = refunds.due_refund_ids(session)
+        refund_ids = refunds.due_refund_ids(session, ctx.clock.now())
     for refund_id in refund_ids:
         state = refunds.execute_refund(ctx, refund_id).state
         report["refunds"][state] = report["refunds"].get(state, 0) + 1
