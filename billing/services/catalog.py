@@ -5,14 +5,16 @@ from __future__ import annotations
 import re
 from datetime import datetime, timedelta
 
-from sqlalchemy import select, update
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from billing.db import cas
 from billing.db.models import Card, Customer, Invoice, Plan, Subscription
 from billing.domain.money import Money, MoneyError
 from billing.domain.periods import Interval, period_boundary, trial_end
 from billing.domain.states import CardStatus, InvoiceState, SubscriptionStatus
 from billing.services import events
+from billing.services.cards import usable_card_of_customer
 from billing.services.context import Context, enqueue
 from billing.services.errors import InvalidRequest, NotFound
 
@@ -156,12 +158,7 @@ def _retry_waiting_invoices(session: Session, ctx: Context, customer_id: int, ca
         for invoice_id in invoices:
             # Compare-and-set: only invoices still open are rescheduled; in-flight attempts are untouched
             # because an attempt row, not due_at, is what blocks a second charge.
-            result = session.execute(
-                update(Invoice)
-                .where(Invoice.id == invoice_id, Invoice.state == InvoiceState.OPEN)
-                .values(due_at=now, updated_at=now)
-            )
-            if result.rowcount:  # type: ignore[attr-defined]
+            if cas.update_while(session, Invoice, invoice_id, InvoiceState.OPEN, due_at=now, updated_at=now):
                 enqueue(session, now, "billing.charge_invoice", invoice_id=invoice_id)
                 events.record(session, now, "invoice.retry_new_card", subscription_id=sub.id, invoice_id=invoice_id)
 
@@ -185,14 +182,10 @@ def subscribe(
         if plan is None:
             raise NotFound(f"plan {plan_id} does not exist")
         if card_id is None:
-            card_id = session.execute(
-                select(Card.id)
-                .where(Card.customer_id == customer_id, Card.status == CardStatus.USABLE)
-                .order_by(Card.id.desc())
-                .limit(1)
-            ).scalar_one_or_none()
-            if card_id is None:
+            usable = usable_card_of_customer(session, customer_id)
+            if usable is None:
                 raise InvalidRequest(f"customer {customer_id} has no usable card")
+            card_id = usable[0]
         else:
             card = session.get(Card, card_id)
             if card is None or card.customer_id != customer_id:

@@ -9,6 +9,7 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from billing.db import bulk
 from billing.db.models import ChargeAttempt, Invoice
 from billing.domain.states import AttemptState, InvoiceState
 from billing.gateway import errors as gw
@@ -32,6 +33,8 @@ def expire_stuck_attempts(ctx: Context, limit: int = 500) -> dict[str, int]:
             )
             .limit(limit)
         ).all()
+        # Invoices before attempts, as every writer of both locks them (see charging.outcomes.record_in).
+        bulk.lock_rows(session, Invoice, [invoice_id for _, invoice_id, _ in rows], "state")
         for attempt_id, invoice_id, state in rows:
             if state == AttemptState.PENDING:
                 if abandon_unsent(session, now, invoice_id, attempt_id):

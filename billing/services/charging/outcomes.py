@@ -19,7 +19,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
-from billing.db import cas
+from billing.db import bulk, cas
 from billing.db.models import ChargeAttempt, Invoice
 from billing.domain.declines import DeclineClass
 from billing.domain.states import AttemptState, InvoiceState
@@ -93,6 +93,9 @@ def _with_db_retry(record: Callable[..., T], *args: Any, attempts: int = 5) -> T
 
 def record_in(ctx: Context, session: Session, now: datetime, sent: Sequence[CallResult]) -> list[ChargeOutcome]:
     """Apply the outcomes of the given calls in the caller's transaction; returns them in the same order."""
+    # Invoices before attempts, in id order, in every transaction that writes both: no deadlock with
+    # mark_sending, cancel_subscription or reconciliation.
+    bulk.lock_rows(session, Invoice, [item.claim.invoice_id for item in sent], "state")
     approved: list[Answer] = []
     declined: list[Answer] = []
     outcomes: dict[int, ChargeOutcome] = {}
@@ -305,6 +308,7 @@ def settle_from_charge(ctx: Context, invoice_id: int, attempt_id: int, charge: C
     elif answer.decline_class == DeclineClass.UNKNOWN:
         return "still_unknown"
     with ctx.unit_of_work() as session:
+        bulk.lock_rows(session, Invoice, [invoice_id], "state")  # invoices before attempts (see record_in)
         current = session.execute(
             select(ChargeAttempt.state).where(ChargeAttempt.id == attempt_id)
         ).scalar_one_or_none()
@@ -327,6 +331,7 @@ def settle_from_charge(ctx: Context, invoice_id: int, attempt_id: int, charge: C
 def resolve_not_charged(session: Session, now: datetime, invoice_id: int, attempt_id: int | None) -> bool:
     """An operator found no charge at Tpaga: the attempt is not sent and dunning resumes where it was (the next
     try is now, and no customer attempt was spent). False when the invoice had left review meanwhile."""
+    bulk.lock_rows(session, Invoice, [invoice_id], "state")  # invoices before attempts (see record_in)
     if attempt_id is not None and not cas.transition(
         session,
         ChargeAttempt,
