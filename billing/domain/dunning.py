@@ -7,6 +7,7 @@ from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from itertools import pairwise
 
+from billing.domain.clock_rules import require_aware
 from billing.domain.declines import DeclineClass
 from billing.domain.states import SubscriptionStatus
 
@@ -81,7 +82,7 @@ class DunningDecision:
         if (self.action is Action.RETRY) != (self.retry_at is not None):
             raise ValueError(f"retry_at must be set exactly when the action is retry: {self!r}")
         if self.retry_at is not None:
-            _require_aware("retry_at", self.retry_at)
+            require_aware("retry_at", self.retry_at)
 
 
 _MERCHANT_PAUSE = DunningDecision(
@@ -111,13 +112,6 @@ _HARD = DunningDecision(
 )
 
 
-def _require_aware(name: str, value: datetime) -> None:
-    if not isinstance(value, datetime):
-        raise ValueError(f"{name} must be a datetime, got {type(value).__name__}")
-    if value.tzinfo is None or value.utcoffset() is None:
-        raise ValueError(f"{name} must be timezone-aware, got naive {value.isoformat()}")
-
-
 def decide_after_decline(
     policy: DunningPolicy,
     decline_class: DeclineClass,
@@ -140,8 +134,8 @@ def decide_after_decline(
         klass = DeclineClass(decline_class)
     except ValueError:
         raise ValueError(f"unknown decline class {decline_class!r}") from None
-    _require_aware("first_failure_at", first_failure_at)
-    _require_aware("now", now)
+    require_aware("first_failure_at", first_failure_at)
+    require_aware("now", now)
     if isinstance(soft_failures, bool) or not isinstance(soft_failures, int) or soft_failures < 0:
         raise ValueError(f"soft_failures must be an int >= 0, got {soft_failures!r}")
 

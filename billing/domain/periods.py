@@ -13,7 +13,7 @@ from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-DEFAULT_TZ = "America/Bogota"
+from billing.domain.clock_rules import BOGOTA, require_aware
 
 
 class Interval(StrEnum):
@@ -32,22 +32,14 @@ class Period:
     end: datetime
 
     def __post_init__(self) -> None:
-        _require_aware("start", self.start)
-        _require_aware("end", self.end)
+        require_aware("start", self.start)
+        require_aware("end", self.end)
         if not self.start < self.end:
             raise ValueError(f"a period must end after it starts: {self.start} .. {self.end}")
 
     def contains(self, when: datetime) -> bool:
         """True when `when` falls in [start, end)."""
-        return self.start <= _require_aware("when", when) < self.end
-
-
-def _require_aware(name: str, value: datetime) -> datetime:
-    if not isinstance(value, datetime):
-        raise ValueError(f"{name} must be a datetime, got {type(value).__name__}")
-    if value.tzinfo is None or value.utcoffset() is None:
-        raise ValueError(f"{name} must be timezone-aware, got naive {value.isoformat()}")
-    return value
+        return self.start <= require_aware("when", when) < self.end
 
 
 def _require_int(name: str, value: int, minimum: int) -> int:
@@ -100,14 +92,14 @@ def _to_utc(local: datetime) -> datetime:
     return local.astimezone(UTC)
 
 
-def period_boundary(anchor: datetime, k: int, interval: Interval | str, count: int, tz: str = DEFAULT_TZ) -> datetime:
+def period_boundary(anchor: datetime, k: int, interval: Interval | str, count: int, tz: str = BOGOTA) -> datetime:
     """The k-th period boundary (k >= 0; boundary 0 is the anchor), as aware UTC.
 
     Computed from the anchor in local calendar terms of `tz`: add k*count intervals to the
     anchor's local date, clamp the day to the month's length (Jan 31 -> Feb 28/29 -> Mar 31;
     a Feb 29 yearly anchor -> Feb 28 in common years), and keep the anchor's local wall time.
     """
-    _require_aware("anchor", anchor)
+    require_aware("anchor", anchor)
     _require_int("k", k, 0)
     _require_int("count", count, 1)
     unit = _interval(interval)
@@ -118,7 +110,7 @@ def period_boundary(anchor: datetime, k: int, interval: Interval | str, count: i
         raise ValueError(f"boundary {k} of every {count} {unit.value} from {anchor} is out of range") from None
 
 
-def period_at(anchor: datetime, index: int, interval: Interval | str, count: int, tz: str = DEFAULT_TZ) -> Period:
+def period_at(anchor: datetime, index: int, interval: Interval | str, count: int, tz: str = BOGOTA) -> Period:
     """Period `index` (>= 0): [boundary(index), boundary(index + 1))."""
     _require_int("index", index, 0)
     return Period(
@@ -128,16 +120,14 @@ def period_at(anchor: datetime, index: int, interval: Interval | str, count: int
     )
 
 
-def period_index_at(
-    anchor: datetime, when: datetime, interval: Interval | str, count: int, tz: str = DEFAULT_TZ
-) -> int:
+def period_index_at(anchor: datetime, when: datetime, interval: Interval | str, count: int, tz: str = BOGOTA) -> int:
     """Index of the period containing `when`, or -1 when `when` is before the anchor.
 
     Estimates the index from the local calendar distance, then corrects it by a step or two,
     so the cost does not grow with the age of the subscription.
     """
-    _require_aware("anchor", anchor)
-    _require_aware("when", when)
+    require_aware("anchor", anchor)
+    require_aware("when", when)
     _require_int("count", count, 1)
     unit = _interval(interval)
     zone = _zone(tz)
@@ -163,7 +153,7 @@ def due_period_indexes(
     now: datetime,
     interval: Interval | str,
     count: int,
-    tz: str = DEFAULT_TZ,
+    tz: str = BOGOTA,
     limit: int | None = None,
 ) -> list[int]:
     """Every period index >= `next_index` whose start is <= `now`, oldest first.
@@ -172,8 +162,8 @@ def due_period_indexes(
     many are returned (the oldest ones), so a caller catching up in batches resumes where it
     stopped by passing the next index.
     """
-    _require_aware("anchor", anchor)
-    _require_aware("now", now)
+    require_aware("anchor", anchor)
+    require_aware("now", now)
     _require_int("next_index", next_index, 0)
     if limit is not None:
         _require_int("limit", limit, 0)
@@ -182,9 +172,9 @@ def due_period_indexes(
     return list(range(next_index, last + 1))
 
 
-def trial_end(start: datetime, trial_days: int, tz: str = DEFAULT_TZ) -> datetime:
+def trial_end(start: datetime, trial_days: int, tz: str = BOGOTA) -> datetime:
     """End of a trial of `trial_days` local calendar days from `start` (0: no trial, `start`), as UTC."""
-    _require_aware("start", start)
+    require_aware("start", start)
     _require_int("trial_days", trial_days, 0)
     local = start.astimezone(_zone(tz))
     try:

@@ -6,20 +6,15 @@ from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from zoneinfo import ZoneInfo
 
+from billing.domain.clock_rules import BOGOTA, require_aware
+
 # Tpaga's "same day" is a calendar day in Colombia, whatever zone this deployment bills its periods in.
-TPAGA_TZ = ZoneInfo("America/Bogota")
+TPAGA_TZ = ZoneInfo(BOGOTA)
 
 
 class RefundWindow(StrEnum):
     H24 = "24h"  # 24 hours after the approval
     SAME_DAY = "same_day"  # until the next midnight in Bogota after the approval
-
-
-def _require_aware(name: str, value: datetime) -> None:
-    if not isinstance(value, datetime):
-        raise ValueError(f"{name} must be a datetime, got {type(value).__name__}")
-    if value.tzinfo is None or value.utcoffset() is None:
-        raise ValueError(f"{name} must be timezone-aware, got naive {value.isoformat()}")
 
 
 def _window(value: RefundWindow | str) -> RefundWindow:
@@ -34,7 +29,7 @@ def window_end(approved_at: datetime, window: RefundWindow | str) -> datetime:
 
     "24h": approved_at + 24 hours. "same_day": the next midnight in Bogota after approved_at.
     """
-    _require_aware("approved_at", approved_at)
+    require_aware("approved_at", approved_at)
     kind = _window(window)
     if kind is RefundWindow.H24:
         return approved_at.astimezone(UTC) + timedelta(hours=24)
@@ -54,7 +49,7 @@ def refund_deadline(approved_at: datetime, window: RefundWindow | str, margin: t
     """
     if not isinstance(margin, timedelta) or margin < timedelta(0):
         raise ValueError(f"margin must be a non-negative timedelta, got {margin!r}")
-    _require_aware("approved_at", approved_at)
+    require_aware("approved_at", approved_at)
     return min(window_end(approved_at - margin, window), window_end(approved_at, window) - margin)
 
 
@@ -62,5 +57,5 @@ def is_refundable(
     approved_at: datetime, now: datetime, window: RefundWindow | str, margin: timedelta = timedelta(0)
 ) -> bool:
     """True while `now` is before the refund deadline of a charge approved at `approved_at`."""
-    _require_aware("now", now)
+    require_aware("now", now)
     return now < refund_deadline(approved_at, window, margin)

@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from billing.clock import Clock
 from billing.db.models import OutboxMessage
+from billing.domain.clock_rules import BOGOTA
 from billing.domain.dunning import DunningPolicy
 from billing.gateway.models import Charge, CreditCard, Customer
 
@@ -64,7 +65,7 @@ class Context:
     gateway: Gateway
     clock: Clock
     policy: DunningPolicy = field(default_factory=DunningPolicy)
-    timezone: str = "America/Bogota"
+    timezone: str = BOGOTA
     refund_window: str = "24h"
     # Our approval time trails Tpaga's by the response latency; keep a margin inside its window.
     refund_safety_margin: timedelta = timedelta(minutes=5)
