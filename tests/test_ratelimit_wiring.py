@@ -4,7 +4,6 @@ API, with the same request on the wire, the same cookies and the same errors as 
 from __future__ import annotations
 
 import http.server
-import socket
 import threading
 from collections.abc import Iterator
 from typing import Any
