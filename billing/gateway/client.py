@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 from decimal import Decimal, InvalidOperation
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 from urllib.parse import quote
 
 import requests
@@ -341,11 +341,30 @@ class TpagaClient:
         )
         return self._requestor.request(CHARGE, "charge/credit_card", payload, deadline=deadline)
 
-    async def charge_async(self, *, deadline: float | None = None, **fields: Any) -> Charge:
-        """`charge` (the same keyword arguments, checks, retry rule, rate limit, deadline and errors) as a
-        coroutine, on the running event loop's aiohttp session (`billing.gateway.aio`): what the batch path uses
-        to keep many charges in flight on one thread."""
-        payload = charge_payload(**fields)
+    async def charge_async(
+        self,
+        *,
+        card_id: str,
+        amount: Decimal,
+        currency: str = "COP",
+        order_id: str,
+        installments: int = 1,
+        description: str | None = None,
+        tax_amount: Decimal = Decimal(0),
+        deadline: float | None = None,
+    ) -> Charge:
+        """`charge` (the same arguments, checks, retry rule, rate limit, deadline and errors) as a coroutine, on
+        the running event loop's aiohttp session (`billing.gateway.aio`): what the batch path uses to keep many
+        charges in flight on one thread."""
+        payload = charge_payload(
+            card_id=card_id,
+            amount=amount,
+            currency=currency,
+            order_id=order_id,
+            installments=installments,
+            description=description,
+            tax_amount=tax_amount,
+        )
         return await self._async_requestor.request(CHARGE, "charge/credit_card", payload, deadline=deadline)
 
     def get_charge(self, charge_id: str) -> Charge:
