@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,6 +12,7 @@ from urllib.parse import urlparse
 DEFAULT_TPAGA_API_URL = "https://sandbox.tpaga.co/api/"
 DEFAULT_DATABASE_URL = "sqlite:///billing.db"
 DEFAULT_BROKER_URL = "sqla+sqlite:///celery-broker.db"
+DEFAULT_RATE_LIMIT_MAX_WAIT_SECONDS = 10.0
 LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
 
 
@@ -33,14 +35,17 @@ def _is_loopback_ip(host: str) -> bool:
         return False
 
 
+def is_loopback_host(host: str | None) -> bool:
+    """Whether a URL's host is this machine: "localhost" or a loopback address."""
+    return host is not None and (host.lower() in LOOPBACK_HOSTS or _is_loopback_ip(host))
+
+
 def validate_api_url(url: str) -> str:
     """Require https except for loopback hosts; return the URL with a trailing slash."""
     parsed = urlparse(url)
     if parsed.scheme not in ("http", "https") or not parsed.hostname:
         raise ConfigError(f"TPAGA_API_URL must be an http(s) URL, got {url!r}")
-    host = parsed.hostname
-    is_loopback = host in LOOPBACK_HOSTS or _is_loopback_ip(host)
-    if parsed.scheme != "https" and not is_loopback:
+    if parsed.scheme != "https" and not is_loopback_host(parsed.hostname):
         raise ConfigError("TPAGA_API_URL must use https unless it points at a loopback address")
     return url if url.endswith("/") else url + "/"
 
@@ -102,6 +107,7 @@ class Settings:
     read_timeout_seconds: float = 20.0
     sending_lease_seconds: int = 300
     gateway_rate_limit_per_second: float = 0.0
+    rate_limit_max_wait_seconds: float = DEFAULT_RATE_LIMIT_MAX_WAIT_SECONDS
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> Settings:
@@ -126,7 +132,7 @@ class Settings:
             ZoneInfo(tz)
         except Exception:
             raise ConfigError(f"BILLING_TIMEZONE is not a known time zone: {tz!r}") from None
-        return cls(
+        settings = cls(
             database_url=env.get("DATABASE_URL") or DEFAULT_DATABASE_URL,
             broker_url=env.get("CELERY_BROKER_URL") or DEFAULT_BROKER_URL,
             tpaga_api_url=validate_api_url(env.get("TPAGA_API_URL") or DEFAULT_TPAGA_API_URL),
@@ -141,4 +147,26 @@ class Settings:
             read_timeout_seconds=_float(env, "TPAGA_READ_TIMEOUT", 20.0, 0.01),
             sending_lease_seconds=_int(env, "BILLING_SENDING_LEASE_SECONDS", 300, 1),
             gateway_rate_limit_per_second=_float(env, "TPAGA_RATE_LIMIT", 0.0, 0.0),
+            rate_limit_max_wait_seconds=_float(
+                env, "TPAGA_RATE_LIMIT_MAX_WAIT", DEFAULT_RATE_LIMIT_MAX_WAIT_SECONDS, 0.0
+            ),
         )
+        minimum = settings.minimum_sending_lease_seconds()
+        if settings.sending_lease_seconds < minimum:
+            raise ConfigError(
+                f"BILLING_SENDING_LEASE_SECONDS must be at least {minimum} (the longest a charge call may take: "
+                f"TPAGA_RATE_LIMIT_MAX_WAIT, TPAGA_CONNECT_TIMEOUT and TPAGA_READ_TIMEOUT, and the retries of a "
+                f"request that was not sent), got {settings.sending_lease_seconds}"
+            )
+        return settings
+
+    def minimum_sending_lease_seconds(self) -> int:
+        """The shortest sending lease that outlasts a charge call: its time budget, in whole seconds."""
+        from billing.gateway.retry import call_budget_seconds  # the gateway imports this module
+
+        budget = call_budget_seconds(
+            rate_limit_max_wait_seconds=self.rate_limit_max_wait_seconds if self.gateway_rate_limit_per_second else 0,
+            connect_timeout_seconds=self.connect_timeout_seconds,
+            read_timeout_seconds=self.read_timeout_seconds,
+        )
+        return math.ceil(budget)

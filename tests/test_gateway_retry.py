@@ -20,7 +20,7 @@ from billing.gateway import (
     backoff_seconds,
     should_retry,
 )
-from billing.gateway.errors import map_response
+from billing.gateway.errors import DeadlineExceededError, map_response
 from billing.gateway.operations import (
     ALL_OPERATIONS,
     ASSOCIATE_CARD,
@@ -66,6 +66,7 @@ ERRORS_NEVER_RETRIED = [
     unknown("unknown_code"),
     unknown("malformed"),
     unknown("not_approved"),
+    DeadlineExceededError("x", cause="deadline"),  # never left, but too late for its caller
     ValueError("a bug"),
     KeyboardInterrupt(),
 ]

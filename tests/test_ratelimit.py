@@ -180,7 +180,7 @@ def test_the_setting_picks_no_limiter_a_shared_one_on_redis_or_a_local_one() -> 
     client = TpagaClient.from_settings(
         Settings(tpaga_private_key="k", gateway_rate_limit_per_second=5, broker_url="sqla+sqlite:///b.db")
     )
-    assert isinstance(client._rate_limiter, LocalRateLimiter)
+    assert isinstance(client.rate_limiter, LocalRateLimiter)
 
 
 class CountingLimiter:

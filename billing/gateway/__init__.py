@@ -2,6 +2,7 @@
 
 from billing.gateway.client import TpagaClient
 from billing.gateway.errors import (
+    DeadlineExceededError,
     DeclinedError,
     FieldError,
     NotFoundError,
@@ -22,6 +23,7 @@ __all__ = [
     "Charge",
     "CreditCard",
     "Customer",
+    "DeadlineExceededError",
     "DeclinedError",
     "FieldError",
     "NotFoundError",

@@ -1,36 +1,32 @@
 """The batch path's HTTP transport: aiohttp on one event loop, many requests in flight on one thread.
 
-Why a second transport: a worker charging ~1,000 cards a second spent most of its CPU in the threaded
-`requests` stack (PERFORMANCE.md, "What limits throughput now"): `requests` -> `urllib3` -> `http.client` per
-request, plus the interpreter lock handed between hundreds of gateway threads on every socket call. aiohttp
-parses HTTP in C and keeps every request of a process on one thread. Measured against the emulator at 50 ms with
-100 charges in flight: 699 µs of client CPU per charge on threads with `requests`, 161 µs with aiohttp.
+Why a second transport: the threaded `requests` stack costs several times more client CPU per request
+(`requests` -> `urllib3` -> `http.client` in Python, and the interpreter lock handed between hundreds of gateway
+threads on every socket call); aiohttp parses HTTP in C and keeps every request of a process on one thread
+(PERFORMANCE.md has the measurements). The sync stack stays for the single calls, which run on worker threads.
 
-The contract is `transport.Transport`'s, so the client, its retry rule and its answer mapping do not change:
+The contract is `transport.Transport`'s, so the requestor, its retry rule and its answer mapping do not change:
 `send` returns the fully read answer or raises `NotSentError` (provably never left: refused, unreachable, DNS,
 TLS handshake, connect timeout, bad URL) or `OutcomeUnknownError` (`timeout`: no byte within the read timeout;
 `dropped`: the connection broke after the request may have been written). aiohttp never resends a POST on its
 own (it retries only idempotent methods on a reused connection that turned out closed), so a charge that may
 have reached Tpaga is never sent twice by the transport.
 
-Proxies: `HTTPS_PROXY`/`HTTP_PROXY`/`NO_PROXY` are read once, when the transport is made (aiohttp's
-`trust_env` would look them up in a thread on every request); `.netrc` is never read. TLS: the CA bundle of
-`REQUESTS_CA_BUNDLE`/`CURL_CA_BUNDLE` when set, else certifi's, as `requests` does.
+Proxies and TLS: `environment.http_environment`, read once when the transport is made (a loopback URL is never
+proxied; aiohttp's `trust_env` stays off, so `.netrc` is never read).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import ssl
 import time
 import weakref
 from typing import Any
 
 import aiohttp
-from requests.utils import get_environ_proxies
 
+from billing.gateway.environment import HttpEnvironment, http_environment
 from billing.gateway.errors import TpagaError
 from billing.gateway.operations import Operation
 from billing.gateway.transport import (
@@ -64,18 +60,6 @@ def classify_aiohttp_error(error: BaseException) -> tuple[Verdict, str]:
     return "dropped", name
 
 
-def _ssl_context(api_url: str) -> ssl.SSLContext | bool:
-    """The TLS settings of the connector: certifi's bundle (or the one the environment names) for https."""
-    if not api_url.startswith("https:"):
-        return True  # aiohttp's default; no TLS is used for http
-    bundle = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE")
-    if not bundle:
-        import certifi
-
-        bundle = certifi.where()
-    return ssl.create_default_context(cafile=bundle)
-
-
 # Every transport with an open session, to close them when a loop stops (GatewayPool.shutdown).
 _OPEN: weakref.WeakSet[AsyncTransport] = weakref.WeakSet()
 
@@ -97,6 +81,7 @@ class AsyncTransport:
         *,
         connect_timeout_seconds: float,
         read_timeout_seconds: float,
+        environment: HttpEnvironment | None = None,
     ) -> None:
         if connect_timeout_seconds <= 0 or read_timeout_seconds <= 0:
             raise ValueError("timeouts must be positive")
@@ -104,8 +89,9 @@ class AsyncTransport:
         self._timeout = aiohttp.ClientTimeout(
             total=None, connect=None, sock_connect=connect_timeout_seconds, sock_read=read_timeout_seconds
         )
-        self._proxy: str | None = get_environ_proxies(self.api_url).get(self.api_url.split(":", 1)[0])
-        self._ssl = _ssl_context(self.api_url)
+        environment = environment or http_environment(self.api_url)
+        self._proxy = environment.proxy
+        self._ssl = environment.ssl_context()
         self._session: aiohttp.ClientSession | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
 

@@ -54,6 +54,11 @@ class NotSentError(TpagaError):
         self.cause = cause
 
 
+class DeadlineExceededError(NotSentError):
+    """Raised when a call's deadline (or the rate limiter's longest wait) passed before its request was written:
+    nothing was sent, and sending it later would be too late for the caller, so it is not retried."""
+
+
 class OutcomeUnknownError(TpagaError):
     """Raised when the request may have taken effect at Tpaga but we cannot tell whether it did."""
 

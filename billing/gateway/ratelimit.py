@@ -8,7 +8,10 @@ is atomic across all callers, with Redis's own clock (`TIME`) so machines with s
 Each call reserves the next free slot and sleeps until it: callers queue in arrival order instead of polling,
 and one round trip to Redis is all a request costs. A caller whose slot would be more than `max_reserve_seconds`
 away does not reserve; it sleeps a little and asks again, so a crowd of waiting callers cannot push the bucket
-arbitrarily far into the future. Over the limit the caller waits; it never fails because of the limit.
+arbitrarily far into the future. Over the limit the caller waits, but never past its deadline
+(`acquire_before`): a caller whose slot would come after it reserves nothing and raises `DeadlineExceededError`
+(a `NotSentError`: nothing was sent). The client gives every call such a deadline (`TPAGA_RATE_LIMIT_MAX_WAIT`,
+and the caller's own, such as a charge's sending lease).
 
 If Redis cannot be reached, no request is sent: `acquire()` raises `NotSentError`, which the client's retry
 policy already treats as "provably not sent" (retried briefly, then recorded `not_sent` and rescheduled).
@@ -18,6 +21,7 @@ Sending anyway could break Tpaga's limit, and a 429 on a charge is an ambiguous 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 import threading
@@ -25,7 +29,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
-from billing.gateway.errors import NotSentError
+from billing.gateway.errors import DeadlineExceededError, NotSentError
 
 if TYPE_CHECKING:
     from billing.config import Settings
@@ -58,9 +62,35 @@ return {1, string.format('%.0f', wait)}
 
 
 class RateLimiter(Protocol):
-    """Blocks until the caller may send one request."""
+    """Blocks until the caller may send one request. The limiters here also offer `acquire_before(deadline)`
+    and `reserve`/`pause` (the async path's non-blocking form); the client uses them when present."""
 
     def acquire(self) -> None: ...
+
+
+def too_late(operation: str = "rate_limit") -> DeadlineExceededError:
+    """The error of a call whose slot (or whose request) would come after its deadline."""
+    return DeadlineExceededError(
+        "the call's deadline passed before its request could be sent; the request was not sent",
+        operation=operation,
+        cause="deadline",
+    )
+
+
+def _remaining(deadline: float | None) -> float | None:
+    """Seconds left before `deadline` (a time.monotonic() value); raises when none are left."""
+    if deadline is None:
+        return None
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise too_late()
+    return remaining
+
+
+def _refused(reserved: bool, wait_seconds: float, remaining: float | None) -> bool:
+    """Whether an unreserved slot can never come in time: the queue ahead only drains as fast as time passes,
+    so a wait longer than the time left stays longer than it."""
+    return not reserved and remaining is not None and wait_seconds > remaining
 
 
 def default_burst(rate_per_second: float) -> int:
@@ -109,13 +139,17 @@ class RedisRateLimiter:
     def __repr__(self) -> str:
         return f"RedisRateLimiter(rate_per_second={self.rate_per_second}, key={self._key!r})"
 
-    def reserve(self) -> tuple[bool, float]:
-        """One round trip: (whether a slot was reserved, seconds to wait for it or before asking again)."""
+    def reserve(self, max_wait_seconds: float | None = None) -> tuple[bool, float]:
+        """One round trip: (whether a slot was reserved, seconds to wait for it or before asking again). No slot
+        further away than `max_wait_seconds` (or `max_reserve_seconds`) is reserved."""
         import redis
 
+        max_reserve_us = self._max_reserve_us
+        if max_wait_seconds is not None:
+            max_reserve_us = min(max_reserve_us, max(0, int(max_wait_seconds * 1_000_000)))
         try:
             reserved, wait_us = self._script(
-                keys=[self._key], args=[self._interval_us, self._tolerance_us, self._max_reserve_us]
+                keys=[self._key], args=[self._interval_us, self._tolerance_us, max_reserve_us]
             )
         except redis.RedisError as exc:
             # Raised outside the handler below: the Redis error (which may name the host) is not chained.
@@ -129,8 +163,15 @@ class RedisRateLimiter:
         raise failure
 
     def acquire(self) -> None:
+        self.acquire_before(None)
+
+    def acquire_before(self, deadline: float | None) -> None:
+        """Wait for a slot that comes before `deadline` (time.monotonic()); DeadlineExceededError if none can."""
         while True:
-            reserved, wait_seconds = self.reserve()
+            remaining = _remaining(deadline)
+            reserved, wait_seconds = self.reserve(remaining)
+            if _refused(reserved, wait_seconds, remaining):
+                raise too_late()
             delay = self.pause(reserved, wait_seconds)
             if delay > 0:
                 self._sleep(delay)
@@ -169,34 +210,61 @@ class LocalRateLimiter:
         return f"LocalRateLimiter(rate_per_second={self.rate_per_second})"
 
     def acquire(self) -> None:
-        wait = self.reserve()[1]
+        self.acquire_before(None)
+
+    def acquire_before(self, deadline: float | None) -> None:
+        """Wait for a slot that comes before `deadline` (time.monotonic()); DeadlineExceededError if none can."""
+        remaining = _remaining(deadline)
+        reserved, wait = self.reserve(remaining)
+        if _refused(reserved, wait, remaining):
+            raise too_late()
         if wait > 0:
             self._sleep(wait)
 
-    def reserve(self) -> tuple[bool, float]:
-        """Reserve the next slot: (True, seconds to wait for it). Never blocks."""
+    def reserve(self, max_wait_seconds: float | None = None) -> tuple[bool, float]:
+        """Reserve the next slot unless it is further away than `max_wait_seconds`: (reserved, seconds to wait
+        for it). Never blocks."""
         with self._lock:
             now = self._clock()
             tat = max(self._tat, now)
-            wait = tat - self._tolerance - now
+            wait = max(tat - self._tolerance - now, 0.0)
+            if max_wait_seconds is not None and wait > max_wait_seconds:
+                return False, wait
             self._tat = tat + self._interval
-        return True, max(wait, 0.0)
+        return True, wait
 
     def pause(self, reserved: bool, wait_seconds: float) -> float:
         return wait_seconds
 
 
-async def acquire_async(limiter: RateLimiter, run_blocking: Callable[[Callable[[], Any]], Awaitable[Any]]) -> None:
-    """`limiter.acquire()` for a coroutine: the reservation (a Redis round trip) runs through `run_blocking`
-    (a thread, so the event loop keeps reading answers meanwhile) and the wait is an `asyncio.sleep`. A limiter
-    without `reserve`/`pause` has its whole `acquire` run through `run_blocking`."""
+def acquire_before(limiter: RateLimiter, deadline: float | None) -> None:
+    """`limiter.acquire_before(deadline)`, or plain `acquire()` for a limiter without it (its wait is then
+    unbounded; the client still checks the deadline before sending)."""
+    bounded = getattr(limiter, "acquire_before", None)
+    if bounded is None:
+        limiter.acquire()
+    else:
+        bounded(deadline)
+
+
+async def acquire_async(
+    limiter: RateLimiter,
+    run_blocking: Callable[[Callable[[], Any]], Awaitable[Any]],
+    deadline: float | None = None,
+) -> None:
+    """`acquire_before(limiter, deadline)` for a coroutine: the reservation (a Redis round trip) runs through
+    `run_blocking` (a thread, so the event loop keeps reading answers meanwhile) and the wait is an
+    `asyncio.sleep`. A limiter without `reserve`/`pause` has its whole `acquire` run through `run_blocking`."""
     reserve = getattr(limiter, "reserve", None)
     pause = getattr(limiter, "pause", None)
     if reserve is None or pause is None:
         await run_blocking(limiter.acquire)
         return
     while True:
-        reserved, wait_seconds = await run_blocking(reserve)
+        remaining = _remaining(deadline)
+        reserved, wait_seconds = await run_blocking(functools.partial(reserve, remaining))
+        if _refused(reserved, wait_seconds, remaining):
+            raise too_late()
         delay = pause(reserved, wait_seconds)
         if delay > 0:
             await asyncio.sleep(delay)

@@ -23,16 +23,26 @@ from tenacity import (
     stop_before_delay,
 )
 
-from billing.gateway.errors import NotSentError, OutcomeUnknownError
+from billing.gateway.errors import DeadlineExceededError, NotSentError, OutcomeUnknownError
 from billing.gateway.operations import Operation
 
-__all__ = ["Operation", "RandomSource", "backoff_seconds", "build_async_retrying", "build_retrying", "should_retry"]
+__all__ = [
+    "Operation",
+    "RandomSource",
+    "backoff_seconds",
+    "build_async_retrying",
+    "build_retrying",
+    "call_budget_seconds",
+    "should_retry",
+]
 
 logger = logging.getLogger("billing.gateway")
 
 RETRYABLE_UNKNOWN_REASONS = frozenset({"timeout", "dropped", "server_error"})
 BACKOFF_BASE_SECONDS = 0.25
 BACKOFF_CAP_SECONDS = 2.0
+DEFAULT_ATTEMPTS = 3
+DEFAULT_MAX_SECONDS = 10.0
 
 
 class RandomSource(Protocol):
@@ -43,6 +53,8 @@ class RandomSource(Protocol):
 
 def should_retry(operation: Operation[Any], error: BaseException) -> bool:
     """Whether `operation` may be sent again after failing with `error`."""
+    if isinstance(error, DeadlineExceededError):
+        return False  # safe to send again, but too late for the caller that set the deadline
     if isinstance(error, NotSentError):
         return True
     if isinstance(error, OutcomeUnknownError):
@@ -70,13 +82,43 @@ def backoff_seconds(
 
 def end_call(retrying: AsyncRetrying) -> None:
     """Drop a finished async call's controller state. AsyncRetrying keeps it where it points back at the
-    controller (its current RetryCallState; the thread-local with the statistics and pending actions): ~40
-    objects a call in reference cycles that only the garbage collector would free, and at a thousand charges
-    a second its collections cost a worker more CPU than the charges' JSON. Dropping the two references
-    frees them at once. (tenacity's private attributes: tests/test_gateway_aio.py checks that a charge leaves
-    no cycle. The sync Retrying keeps its call state in its iterator's frame and leaves none.)"""
+    controller (its current RetryCallState; the thread-local with the statistics and pending actions), in
+    reference cycles that only the garbage collector would free; at batch rates those collections cost a worker
+    more than the calls themselves. Dropping the two references frees them at once. (tenacity's private
+    attributes: tests/test_gateway_aio.py checks that a charge leaves no cycle. The sync Retrying keeps its
+    call state in its iterator's frame and leaves none.)"""
     vars(retrying).pop("_retry_state", None)
     retrying._local = threading.local()
+
+
+def call_budget_seconds(
+    *,
+    rate_limit_max_wait_seconds: float,
+    connect_timeout_seconds: float,
+    read_timeout_seconds: float,
+    attempts: int = DEFAULT_ATTEMPTS,
+    base_seconds: float = BACKOFF_BASE_SECONDS,
+    cap_seconds: float = BACKOFF_CAP_SECONDS,
+) -> float:
+    """The longest a charge may take from the start of its call until its answer, under this policy.
+
+    The rate limiter's wait (bounded over the whole call), then every not-sent attempt but the last spending its
+    connect timeout and the longest backoff after it, then the last attempt connecting and waiting for its
+    answer. A sending lease shorter than this turns an ordinary slow answer into a review.
+    """
+    if attempts < 1:
+        raise ValueError("attempts must be >= 1")
+    if min(rate_limit_max_wait_seconds, connect_timeout_seconds, read_timeout_seconds) < 0:
+        raise ValueError("waits and timeouts must be >= 0")
+    retries = attempts - 1
+    backoffs = sum(min(cap_seconds, base_seconds * 2.0 ** (attempt - 1)) for attempt in range(1, attempts))
+    return (
+        rate_limit_max_wait_seconds
+        + retries * connect_timeout_seconds
+        + backoffs
+        + connect_timeout_seconds
+        + (read_timeout_seconds)
+    )
 
 
 def build_retrying(

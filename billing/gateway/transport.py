@@ -11,6 +11,11 @@ makes that request look dropped; for a charge that is an (honest) unknown outcom
 
 Timeouts: `read_timeout_seconds` bounds each wait for bytes, not the whole answer; the retry budget
 (`retry_max_seconds`) bounds when another attempt may start, not an attempt in flight.
+
+Environment: proxies and the CA bundle come from `environment.http_environment`, read once per transport and
+passed with every request (never proxying a loopback URL); the sessions do not consult the environment.
+Requests go out through requests' prepared-request API (`Session.prepare_request` + `Session.send`), which
+keeps the session's headers, cookies and adapters but skips `Session.request`'s per-call settings merge.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from requests.auth import AuthBase
 
 from billing import __version__
 from billing.config import ConfigError, validate_api_url
+from billing.gateway.environment import HttpEnvironment, http_environment
 from billing.gateway.errors import NotSentError, OutcomeUnknownError, TpagaError
 from billing.gateway.operations import Operation
 
@@ -59,6 +65,7 @@ def default_session() -> requests.Session:
     adapter = HTTPAdapter(pool_connections=POOL_CONNECTIONS, pool_maxsize=POOL_MAXSIZE, max_retries=0)
     session.mount("https://", adapter)
     session.mount("http://", adapter)
+    session.trust_env = False  # the transport passes the environment's proxies and CA bundle itself
     return session
 
 
@@ -224,12 +231,16 @@ class Transport:
         connect_timeout_seconds: float,
         read_timeout_seconds: float,
         session_factory: Callable[[], requests.Session] | None = None,
+        environment: HttpEnvironment | None = None,
     ) -> None:
         if connect_timeout_seconds <= 0 or read_timeout_seconds <= 0:
             raise ValueError("timeouts must be positive")
         self.api_url = checked_api_url(api_url)
         self.connect_timeout_seconds = connect_timeout_seconds
         self.read_timeout_seconds = read_timeout_seconds
+        self.environment = environment or http_environment(self.api_url)
+        self._timeout = (connect_timeout_seconds, read_timeout_seconds)
+        self._verify = self.environment.verify()
         self._session_factory = session_factory or default_session
         self._local = threading.local()
         self._lock = threading.Lock()
@@ -264,14 +275,15 @@ class Transport:
         failure: TpagaError | None = None
         result: RawResponse | None = None
         try:
-            response = session.request(
-                operation.method,
-                self.api_url + path,
-                data=body,
-                headers=headers,
-                auth=auth,
-                timeout=(self.connect_timeout_seconds, self.read_timeout_seconds),
+            prepared = session.prepare_request(
+                requests.Request(operation.method, self.api_url + path, data=body, headers=headers, auth=auth)
+            )
+            response = session.send(
+                prepared,
+                timeout=self._timeout,
                 allow_redirects=False,
+                proxies=self.environment.proxies,
+                verify=self._verify,
             )
             result = RawResponse(
                 response.status_code, response.content, charset_of(response.headers.get("Content-Type"))
