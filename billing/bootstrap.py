@@ -44,5 +44,6 @@ def build_context(
         timezone=settings.timezone,
         refund_window=settings.refund_window,
         sending_lease=timedelta(seconds=settings.sending_lease_seconds),
+        answer_time=timedelta(seconds=settings.connect_timeout_seconds + settings.read_timeout_seconds),
         publisher=publisher,
     )

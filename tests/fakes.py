@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 import itertools
 import threading
 from collections import defaultdict
@@ -96,8 +97,17 @@ class FakeGateway:
         )
 
     def charge(
-        self, *, card_id: str, amount: Decimal, currency: str, order_id: str, description: str | None = None
+        self,
+        *,
+        card_id: str,
+        amount: Decimal,
+        currency: str,
+        order_id: str,
+        description: str | None = None,
+        deadline: float | None = None,
     ) -> Charge:
+        if deadline is not None and time.monotonic() > deadline:
+            raise gw.DeadlineExceededError("the call's deadline passed before its request was written")
         with self._lock:
             self.calls["charge"] += 1
             if not self.authorized:
@@ -125,12 +135,24 @@ class FakeGateway:
             return charge
 
     async def charge_async(
-        self, *, card_id: str, amount: Decimal, currency: str, order_id: str, description: str | None = None
+        self,
+        *,
+        card_id: str,
+        amount: Decimal,
+        currency: str,
+        order_id: str,
+        description: str | None = None,
+        deadline: float | None = None,
     ) -> Charge:
         """`charge` as the batch path calls it: a coroutine on the pool's event loop."""
         await asyncio.sleep(0)
         return self.charge(
-            card_id=card_id, amount=amount, currency=currency, order_id=order_id, description=description
+            card_id=card_id,
+            amount=amount,
+            currency=currency,
+            order_id=order_id,
+            description=description,
+            deadline=deadline,
         )
 
     def get_charge(self, charge_id: str) -> Charge:

@@ -70,14 +70,42 @@ class LazyGateway:
         return self.client().associate_card(customer_id, temp_token)
 
     def charge(
-        self, *, card_id: str, amount: Decimal, currency: str, order_id: str, description: str | None = None
+        self,
+        *,
+        card_id: str,
+        amount: Decimal,
+        currency: str,
+        order_id: str,
+        description: str | None = None,
+        deadline: float | None = None,
     ) -> Any:
         return self.client().charge(
-            card_id=card_id, amount=amount, currency=currency, order_id=order_id, description=description
+            card_id=card_id,
+            amount=amount,
+            currency=currency,
+            order_id=order_id,
+            description=description,
+            deadline=deadline,
         )
 
-    async def charge_async(self, **fields: Any) -> Any:
-        return await self.client().charge_async(**fields)
+    async def charge_async(
+        self,
+        *,
+        card_id: str,
+        amount: Decimal,
+        currency: str,
+        order_id: str,
+        description: str | None = None,
+        deadline: float | None = None,
+    ) -> Any:
+        return await self.client().charge_async(
+            card_id=card_id,
+            amount=amount,
+            currency=currency,
+            order_id=order_id,
+            description=description,
+            deadline=deadline,
+        )
 
     def get_charge(self, charge_id: str) -> Any:
         return self.client().get_charge(charge_id)

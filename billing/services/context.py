@@ -37,10 +37,24 @@ class Gateway(Protocol):
     ) -> Customer: ...
     def associate_card(self, customer_id: str, temp_token: str) -> CreditCard: ...
     def charge(
-        self, *, card_id: str, amount: Decimal, currency: str, order_id: str, description: str | None = None
+        self,
+        *,
+        card_id: str,
+        amount: Decimal,
+        currency: str,
+        order_id: str,
+        description: str | None = None,
+        deadline: float | None = None,
     ) -> Charge: ...
     async def charge_async(
-        self, *, card_id: str, amount: Decimal, currency: str, order_id: str, description: str | None = None
+        self,
+        *,
+        card_id: str,
+        amount: Decimal,
+        currency: str,
+        order_id: str,
+        description: str | None = None,
+        deadline: float | None = None,
     ) -> Charge: ...
     def get_charge(self, charge_id: str) -> Charge: ...
     def refund(self, charge_id: str) -> Charge: ...
@@ -70,6 +84,9 @@ class Context:
     # Our approval time trails Tpaga's by the response latency; keep a margin inside its window.
     refund_safety_margin: timedelta = timedelta(minutes=5)
     sending_lease: timedelta = timedelta(minutes=5)
+    # How long a charge may take once its request is written (connect and read timeouts): a request must leave
+    # at least this long before its lease ends, or its answer could come after reconciliation gave it up.
+    answer_time: timedelta = timedelta(seconds=23.05)
     not_sent_backoff: timedelta = timedelta(seconds=60)
     # After this long with every call not sent (the gateway unreachable), billing pauses with an ALERT.
     unreachable_pause_after: timedelta = timedelta(minutes=5)

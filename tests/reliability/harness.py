@@ -123,9 +123,9 @@ class World:
             "TPAGA_PRIVATE_KEY": DEFAULT_PRIVATE_KEY,
             "TPAGA_PUBLIC_KEY": DEFAULT_PUBLIC_KEY,
             "BILLING_WORKER_CONCURRENCY": "4",
-            # An attempt still `sending` after 5 s belongs to a dead worker: a live one gives up on Tpaga
-            # after the 2 s read timeout (plus the latency the emulator adds).
-            "BILLING_SENDING_LEASE_SECONDS": "5",
+            # An attempt still `sending` after 6 s belongs to a dead worker: a live one gives up on Tpaga
+            # after the 2 s read timeout (the shortest lease these timeouts allow: billing.config).
+            "BILLING_SENDING_LEASE_SECONDS": "6",
             "TPAGA_READ_TIMEOUT": "2",
             "TPAGA_CONNECT_TIMEOUT": "1",
             "BILLING_BEAT_OPEN_SECONDS": "1",

@@ -60,7 +60,7 @@ def test_workers_killed_while_billing_never_charge_twice_nor_lose_a_renewal(make
             for proc in workers.values():
                 proc.stop()
             world.faults(latencyMs=300, nextCharges=["slow"], slowSeconds=15)
-            victim = world.start_worker("victim", TPAGA_READ_TIMEOUT="30")
+            victim = world.start_worker("victim", TPAGA_READ_TIMEOUT="10", BILLING_SENDING_LEASE_SECONDS="14")
             victim.wait_for_log(r"ready\.", 60)
             world.seed(approve=1, backdated_share=0)
             attempt_id = world.wait_for(

@@ -49,7 +49,7 @@ def test_duplicate_deliveries_charge_each_invoice_once(make_world: Any) -> None:
         with world.ctx.sessions() as s:
             held_invoice = s.execute(select(Invoice.id)).scalar_one()
         world.faults(nextCharges=["slow"], slowSeconds=10)
-        holder = world.start_worker("holder", TPAGA_READ_TIMEOUT="30")
+        holder = world.start_worker("holder", TPAGA_READ_TIMEOUT="12", BILLING_SENDING_LEASE_SECONDS="16")
         holder.wait_for_log(r"ready\.", 60)
         [(_, held_task)] = send_by_name(
             world.redis.url, [("held", "billing.charge_invoice", "billing.charges", [], {"invoice_id": held_invoice})]

@@ -130,14 +130,16 @@ class _Wave:
 
     def __init__(self, ctx: Context, stop: _Stop) -> None:
         self.stop = stop
-        self.guard_seconds = ctx.sending_lease.total_seconds() / 2
-        self.marked_at = time.monotonic()
+        # The last moment a request of this wave may be written: its answer (connect + read timeouts) must come
+        # before the lease taken when the wave was marked `sending` ends. The client waits for the rate limiter
+        # no longer than this and checks it again right before writing; past it, the call is not sent.
+        lease, answer = ctx.sending_lease.total_seconds(), ctx.answer_time.total_seconds()
+        self.deadline = time.monotonic() + max(0.0, lease - answer)
 
     def held_back(self, claim: Claim) -> CallResult | None:
         if self.stop.reason is not None:
             return CallResult(claim, error=_held_back(self.stop.reason))
-        if time.monotonic() - self.marked_at > self.guard_seconds:
-            # Sent this late, the answer could arrive after reconciliation has given the attempt up.
+        if time.monotonic() > self.deadline:
             return CallResult(claim, error=HeldBack("held too long before sending; not sent"))
         return None
 
@@ -157,7 +159,7 @@ def _pool_runner(ctx: Context, pool: GatewayPool) -> Runner:
             if held is not None:
                 return held
             try:
-                charge = await ctx.gateway.charge_async(**_fields(claim))
+                charge = await ctx.gateway.charge_async(**_fields(claim), deadline=wave.deadline)
             except Exception as exc:  # an unexpected error may have charged: recorded as unknown
                 return wave.answered(CallResult(claim, error=exc))
             return wave.answered(CallResult(claim, charge=charge))
@@ -174,7 +176,9 @@ def _inline_runner(ctx: Context) -> Runner:
             held = wave.held_back(claim)
             if held is None:
                 try:
-                    held = wave.answered(CallResult(claim, charge=ctx.gateway.charge(**_fields(claim))))
+                    held = wave.answered(
+                        CallResult(claim, charge=ctx.gateway.charge(**_fields(claim), deadline=wave.deadline))
+                    )
                 except Exception as exc:  # an unexpected error may have charged: recorded as unknown
                     held = wave.answered(CallResult(claim, error=exc))
             yield [held]
