@@ -67,14 +67,20 @@ class CeleryPublisher:
 class Runtime:
     """Holds the per-process Context; `context()` is cheap after the first call."""
 
-    def __init__(self, app: Celery, task_settings: TaskSettings) -> None:
+    def __init__(self, app: Celery, task_settings: TaskSettings | Callable[[], TaskSettings]) -> None:
+        """`task_settings` may be a function: the app's settings are read on first use, never at import."""
         self.app = app
-        self.task_settings = task_settings
+        self._task_settings = task_settings
         self._lock = threading.Lock()
         self._pid: int | None = None
         self._context: Context | None = None
         self._factory: Callable[[], Context] | None = None
         self._pool: tuple[int, GatewayPool] | None = None
+
+    @property
+    def task_settings(self) -> TaskSettings:
+        settings = self._task_settings
+        return settings if isinstance(settings, TaskSettings) else settings()
 
     def context(self) -> Context:
         context, pid = self._context, os.getpid()

@@ -3,12 +3,19 @@ never from the sender's task-sent event (which a careless sender fills with the 
 
 from __future__ import annotations
 
+import pytest
 from celery.events.state import State
 
-import tasks  # noqa: F401  (installs the monitor's rule)
+import tasks
 from tasks.monitor import without_client_arguments
 
 TOKEN = "tok_secret_0123456789abcdef"
+
+
+@pytest.fixture(autouse=True)
+def _configured_process() -> None:
+    # What a worker, beat or Flower does when it reads the app's configuration; importing `tasks` does not.
+    tasks.configure_process()
 
 
 def _event(kind: str, clock: int, **fields: object) -> dict[str, object]:

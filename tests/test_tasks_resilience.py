@@ -11,8 +11,14 @@ import pytest
 from kombu import Connection
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-import tasks  # noqa: F401  (installs the guard)
+import tasks
 from tests.procs import RedisServer
+
+
+@pytest.fixture(autouse=True)
+def _configured_process() -> None:
+    # What a worker, beat or Flower does when it reads the app's configuration; importing `tasks` does not.
+    tasks.configure_process()
 
 
 @pytest.fixture
