@@ -13,6 +13,7 @@ import tasks
 from tasks.base import MaskingRequest
 from tasks.client import send, send_attach_card
 from tasks.errors import TransientError
+from tasks.logs import mask_tokens
 from tasks.masking import masked_reprs
 
 app = tasks.app
@@ -173,3 +174,40 @@ def test_the_consumer_logs_a_misspelled_tasks_message_without_its_arguments(capl
     assert TOKEN not in text
     assert "billing.attach_crd" in text
     assert text.count(HIDDEN_BODY) == 2
+
+
+def test_no_log_record_from_any_logger_carries_a_token_after_the_process_is_configured() -> None:
+    import io
+    import logging
+
+    tasks.configure_process()  # what a worker does when it reads the app's configuration
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logging.Formatter("%(name)s %(message)s"))
+    parent = logging.getLogger("some.library")
+    parent.addHandler(handler)
+    parent.setLevel(logging.DEBUG)
+    try:
+        child = logging.getLogger("some.library.child")  # a record that propagates to the parent's handler
+        child.debug("body %r", f'[[], {{"customer_id": 1, "token": "{TOKEN}"}}, {{}}]'.encode())
+        child.info("kwargs %s", {"token": TOKEN, "customer_id": 1})
+        child.warning("form temp_token=%s&x=1", TOKEN)
+        child.info("cut short: %s", f'{{"token": "{TOKEN[:10]}')
+        try:
+            raise KeyError(f"{{'token': '{TOKEN}'}}")
+        except KeyError:
+            child.exception("failed")
+        child.debug(  # the pool's line, from whatever logger
+            "TaskPool: Apply %s (args:%s kwargs:%s)",
+            "<function fast_trace_task>",
+            f"('billing.attach_card', 'id-1', {{}}, b'[[1, \"{TOKEN}\"], {{}}, {{}}]', 'application/json')",
+            "{}",
+        )
+    finally:
+        parent.removeHandler(handler)
+    text = stream.getvalue()
+    assert TOKEN not in text and TOKEN[:10] not in text
+    assert '"token": "***"' in text and "'token': '***'" in text and "temp_token=***&x=1" in text
+    assert "KeyError: \"{'token': '***'}\"" in text
+    assert "TaskPool: Apply <function fast_trace_task> (args:['billing.attach_card', 'id-1', <hidden" in text
+    assert mask_tokens("the token is malformed") == "the token is malformed"  # no value under a key: kept
