@@ -92,8 +92,8 @@ REDIS_SCHEMES = ("redis://", "rediss://", "redis+socket://", "sentinel://")
 
 
 def _gateway_concurrency_variable(env: Mapping[str, str]) -> str:
-    """BILLING_GATEWAY_CONCURRENCY; BILLING_GATEWAY_THREADS, its name before the calls moved from threads to an
-    event loop, is still read when the new name is not set."""
+    """BILLING_GATEWAY_CONCURRENCY, or its older name BILLING_GATEWAY_THREADS when only that is set (a
+    deployment that sets the old name keeps its value)."""
     if env.get("BILLING_GATEWAY_CONCURRENCY") or not env.get("BILLING_GATEWAY_THREADS"):
         return "BILLING_GATEWAY_CONCURRENCY"
     return "BILLING_GATEWAY_THREADS"
@@ -109,8 +109,8 @@ class TaskSettings:
     worker_concurrency: int = 32
     prefetch_multiplier: int = 1
     # Invoices per billing.charge_invoices message (1: one billing.charge_invoice each), and the charges one
-    # worker process keeps in flight at Tpaga on its event loop (in flight = rate x latency: 300 at 0.3 s is
-    # ~1,000/s; a multiple of the batch size lets whole batches go out at once).
+    # worker process keeps in flight at Tpaga on its event loop (in flight = rate x latency; a multiple of the
+    # batch size lets whole batches go out at once).
     charge_batch_size: int = 100
     gateway_concurrency: int = 300
     soft_time_limit_seconds: int = 120
