@@ -6,9 +6,11 @@ nothing, so another app may import `tasks.client` whatever its working directory
 - The app's settings are read when something first reads `app.conf` (`LazyConfig`): the
   `celery -A tasks worker|beat|flower|inspect` commands do that before they start, so a malformed setting still
   stops them at once with a message naming the variable.
-- The process is prepared (`configure_process`: log masking, the monitor's rule, the broker-restart guard, the
-  warm start of a worker) right after that, from `on_after_configure`: only a process that uses this app gets
-  it, never one that merely imported the package.
+- A process that runs this app as a service is prepared (`configure_process`: log masking, the monitor's rule,
+  the broker-restart guard, the warm start of a worker) by the app's loader, which Celery asks to import the
+  task modules when a worker or beat starts and Flower when it starts (`BillingLoader`); `celery events` gets
+  the monitor's rule when it builds its event state (`BillingEvents`). A process that only imports the package,
+  or sends with its own app, gets none of it.
 """
 
 from __future__ import annotations
@@ -20,6 +22,9 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any, cast
 
 from celery import Celery, Task, current_app, signals
+from celery.app.events import Events
+from celery.loaders.app import AppLoader
+from kombu.utils.objects import cached_property
 
 from billing.config import Settings
 from tasks import logs, monitor, resilience
@@ -36,8 +41,26 @@ def task_settings() -> TaskSettings:
     return TaskSettings.from_env(os.environ)
 
 
+class BillingLoader(AppLoader):  # type: ignore[misc]
+    """Celery's loader for this app: a worker, beat (`init_worker`) and Flower call `import_default_modules`
+    once, before they do any work; the process is prepared then."""
+
+    def import_default_modules(self) -> Any:
+        configure_process()
+        return super().import_default_modules()
+
+
+class BillingEvents(Events):  # type: ignore[misc]
+    """`celery events` builds its event state from here: the monitor's rule applies to it too."""
+
+    @cached_property
+    def State(self) -> Any:  # Celery's name
+        monitor.install()
+        return super().State
+
+
 # Only our tasks get BillingTask (see `task`); Celery's built-in tasks keep their own base.
-app = Celery("billing")
+app = Celery("billing", loader=BillingLoader, events=BillingEvents)
 runtime = Runtime(app, task_settings)
 
 
@@ -82,9 +105,9 @@ _process_lock = threading.Lock()
 _process_configured = False
 
 
-def configure_process(**_: Any) -> None:
-    """Prepare this process to run this app (idempotent); `on_after_configure` calls it for every process whose
-    code reads the app's configuration (worker, beat, Flower, `celery events`, a sender using this app).
+def configure_process() -> None:
+    """Prepare this process to run this app as a service (idempotent); `BillingLoader` calls it in a worker, beat
+    and Flower, and an embedding program that runs the app another way calls it itself.
 
     - No log record carries a card token, whatever logger made it (tasks.logs).
     - Flower and `celery events` keep a task's arguments from our worker's masked events only (tasks.monitor).
@@ -103,9 +126,6 @@ def configure_process(**_: Any) -> None:
             _warm_up_prefork_child, weak=False, dispatch_uid="billing.warm_up_prefork_child"
         )
         _process_configured = True
-
-
-app.on_after_configure.connect(configure_process, weak=False)
 
 
 def _warm_up_worker(sender: Any = None, **_: Any) -> None:

@@ -45,6 +45,7 @@ SENDER = textwrap.dedent(
     task_id = tasks.client.send(shop, "billing.charge_invoice", invoice_id=987654)
     card_task_id = tasks.client.send_attach_card(shop, 987654, "tok_import_test")
     assert not [name for name in shop.tasks if name.startswith("billing.")], "our tasks joined the sender's app"
+    assert not tasks.app.configured and logging.getLogRecordFactory() is factory, "sending configured our app"
     print(json.dumps([task_id, card_task_id]))
     """
 )

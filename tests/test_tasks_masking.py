@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import io
+import logging
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -13,6 +16,7 @@ import tasks
 from tasks.base import MaskingRequest
 from tasks.client import send, send_attach_card
 from tasks.errors import TransientError
+from tasks.logs import install as install_log_masking
 from tasks.logs import mask_tokens
 from tasks.masking import masked_reprs
 
@@ -155,6 +159,17 @@ def test_send_uses_each_tasks_queue() -> None:
     assert sender.calls[0][1]["kwargsrepr"] == "{'invoice_id': 5}"
 
 
+@pytest.fixture
+def log_masking() -> Iterator[None]:
+    """What a worker, beat or Flower does when it starts (tasks.configure_process), undone afterwards: the other
+    tests of this process check their own code's masking."""
+    factory = logging.getLogRecordFactory()
+    install_log_masking()
+    yield
+    logging.setLogRecordFactory(factory)
+
+
+@pytest.mark.usefixtures("log_masking")
 def test_the_consumer_logs_a_misspelled_tasks_message_without_its_arguments(caplog: pytest.LogCaptureFixture) -> None:
     from celery.worker.consumer import consumer
 
@@ -176,11 +191,8 @@ def test_the_consumer_logs_a_misspelled_tasks_message_without_its_arguments(capl
     assert text.count(HIDDEN_BODY) == 2
 
 
+@pytest.mark.usefixtures("log_masking")
 def test_no_log_record_from_any_logger_carries_a_token_after_the_process_is_configured() -> None:
-    import io
-    import logging
-
-    tasks.configure_process()  # what a worker does when it reads the app's configuration
     stream = io.StringIO()
     handler = logging.StreamHandler(stream)
     handler.setFormatter(logging.Formatter("%(name)s %(message)s"))

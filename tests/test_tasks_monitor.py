@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from celery.events.state import State
 
-import tasks
+from tasks import monitor
 from tasks.monitor import without_client_arguments
 
 TOKEN = "tok_secret_0123456789abcdef"
@@ -14,8 +14,8 @@ TOKEN = "tok_secret_0123456789abcdef"
 
 @pytest.fixture(autouse=True)
 def _configured_process() -> None:
-    # What a worker, beat or Flower does when it reads the app's configuration; importing `tasks` does not.
-    tasks.configure_process()
+    # Part of what a worker, beat or Flower does when it starts (tasks.configure_process); importing does not.
+    monitor.install()
 
 
 def _event(kind: str, clock: int, **fields: object) -> dict[str, object]:

@@ -11,14 +11,14 @@ import pytest
 from kombu import Connection
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-import tasks
+from tasks import resilience
 from tests.procs import RedisServer
 
 
 @pytest.fixture(autouse=True)
 def _configured_process() -> None:
-    # What a worker, beat or Flower does when it reads the app's configuration; importing `tasks` does not.
-    tasks.configure_process()
+    # Part of what a worker, beat or Flower does when it starts (tasks.configure_process); importing does not.
+    resilience.install()
 
 
 @pytest.fixture
