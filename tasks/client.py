@@ -22,7 +22,8 @@ __all__ = ["ROUTES", "send", "send_attach_card"]
 def send(app: Celery | None, name: str, **kwargs: Any) -> str:
     """Send task `name` with keyword arguments to its queue; returns the task id.
 
-    `app` is the sender's own Celery app (configured with the billing broker), or None for this project's.
+    `app` is the sender's own Celery app (configured with the billing broker), or None for this project's, which
+    then reads its settings (the environment and `.env`) if nothing has yet.
     """
     if app is None:
         from tasks import app as own_app

@@ -26,6 +26,7 @@ from typing import Any
 
 from kombu.entity import Exchange, Queue
 
+from billing import task_names
 from billing.config import DEFAULT_BROKER_URL, ConfigError
 
 CHARGES = "billing.charges"
@@ -34,22 +35,22 @@ SCHEDULER = "billing.scheduler"
 DEFAULT = "billing.default"
 QUEUE_NAMES = (CHARGES, REFUNDS, SCHEDULER, DEFAULT)
 
-# Public names: other apps send these by name. Never rename one; add new names instead.
-CHARGE_INVOICE = "billing.charge_invoice"
-CHARGE_INVOICES = "billing.charge_invoices"  # a batch: what invoice opening and the sweep send
-REQUEST_REFUND = "billing.request_refund"
-ATTACH_CARD = "billing.attach_card"
-CANCEL_SUBSCRIPTION = "billing.cancel_subscription"
-EXECUTE_REFUND = "billing.execute_refund"
-OPEN_DUE_INVOICES = "billing.open_due_invoices"
-ENQUEUE_DUE_INVOICES = "billing.enqueue_due_invoices"
-RUN_REFUNDS = "billing.run_refunds"
-RECONCILE = "billing.reconcile"
-RELAY_OUTBOX = "billing.relay_outbox"
+# Task names live in billing.task_names (the services' outbox intents use them too); re-exported here.
+CHARGE_INVOICE = task_names.CHARGE_INVOICE
+CHARGE_INVOICES = task_names.CHARGE_INVOICES
+REQUEST_REFUND = task_names.REQUEST_REFUND
+ATTACH_CARD = task_names.ATTACH_CARD
+CANCEL_SUBSCRIPTION = task_names.CANCEL_SUBSCRIPTION
+EXECUTE_REFUND = task_names.EXECUTE_REFUND
+OPEN_DUE_INVOICES = task_names.OPEN_DUE_INVOICES
+ENQUEUE_DUE_INVOICES = task_names.ENQUEUE_DUE_INVOICES
+RUN_REFUNDS = task_names.RUN_REFUNDS
+RECONCILE = task_names.RECONCILE
+RELAY_OUTBOX = task_names.RELAY_OUTBOX
 
-PUBLIC_TASKS = (CHARGE_INVOICE, REQUEST_REFUND, ATTACH_CARD, CANCEL_SUBSCRIPTION)
-PERIODIC_TASKS = (OPEN_DUE_INVOICES, ENQUEUE_DUE_INVOICES, RUN_REFUNDS, RECONCILE, RELAY_OUTBOX)
-ALL_TASKS = (*PUBLIC_TASKS, CHARGE_INVOICES, EXECUTE_REFUND, *PERIODIC_TASKS)
+PUBLIC_TASKS = task_names.PUBLIC_TASKS
+PERIODIC_TASKS = task_names.PERIODIC_TASKS
+ALL_TASKS = task_names.ALL_TASKS
 
 # The keyword arguments of every task (the contract; a test checks the task signatures against it) and the
 # ones that are secret: masked in argsrepr/kwargsrepr everywhere (logs, events, Flower).
@@ -91,8 +92,8 @@ REDIS_SCHEMES = ("redis://", "rediss://", "redis+socket://", "sentinel://")
 
 
 def _gateway_concurrency_variable(env: Mapping[str, str]) -> str:
-    """BILLING_GATEWAY_CONCURRENCY; BILLING_GATEWAY_THREADS, its name before the calls moved from threads to an
-    event loop, is still read when the new name is not set."""
+    """BILLING_GATEWAY_CONCURRENCY, or its older name BILLING_GATEWAY_THREADS when only that is set (a
+    deployment that sets the old name keeps its value)."""
     if env.get("BILLING_GATEWAY_CONCURRENCY") or not env.get("BILLING_GATEWAY_THREADS"):
         return "BILLING_GATEWAY_CONCURRENCY"
     return "BILLING_GATEWAY_THREADS"
@@ -108,8 +109,8 @@ class TaskSettings:
     worker_concurrency: int = 32
     prefetch_multiplier: int = 1
     # Invoices per billing.charge_invoices message (1: one billing.charge_invoice each), and the charges one
-    # worker process keeps in flight at Tpaga on its event loop (in flight = rate x latency: 300 at 0.3 s is
-    # ~1,000/s; a multiple of the batch size lets whole batches go out at once).
+    # worker process keeps in flight at Tpaga on its event loop (in flight = rate x latency; a multiple of the
+    # batch size lets whole batches go out at once).
     charge_batch_size: int = 100
     gateway_concurrency: int = 300
     soft_time_limit_seconds: int = 120

@@ -50,8 +50,9 @@ def attach_card(*, customer_id: int, token: str) -> dict[str, Any]:
     The token is masked in argsrepr/kwargsrepr and never appears in a result or an error message.
     """
     failure: Exception | None = None
+    ctx = runtime.context()  # outside the try: a ConfigError is a ValueError, not a malformed token
     try:
-        card_id = catalog.attach_card(runtime.context(), customer_id=customer_id, token=token)
+        card_id = catalog.attach_card(ctx, customer_id=customer_id, token=token)
     except ValueError:  # the client refused the token's shape before sending (its messages echo no values)
         failure = TaskInputError(f"{names.ATTACH_CARD}: token is malformed (whitespace or control characters)")
     except gw.NotSentError:

@@ -7,8 +7,8 @@ closes, or the acknowledgement of a task that finished during the outage) then f
 `Channel._connparams` with `AttributeError: 'NoneType' object has no attribute 'hostname'`. Celery expects a
 connection error there (`ignore_errors`, `Message.ack_log_error`), so the AttributeError escapes: the
 consumer's reconnect path dies, or the event loop does right after reconnecting, and the worker exits
-(celery 5.7 / kombu 5.7; the same family as kombu#582). The reliability suite's broker scenario hit it on
-every run once charges were batched (a batch task still running when Redis goes away).
+(celery 5.7 / kombu 5.7; the same family as kombu#582). It happens whenever a task is still running when
+Redis goes away, as a batch of charges often is (the reliability suite's broker scenario).
 
 `install()` makes a channel whose connection is gone raise the Redis ConnectionError that every caller
 already handles as "connection lost": the consumer reconnects, and an acknowledgement that cannot be sent is

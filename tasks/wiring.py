@@ -29,20 +29,20 @@ if TYPE_CHECKING:
 log = logging.getLogger("billing.tasks")
 
 
-# Collect the youngest generation every 10,000 net allocations of tracked objects instead of Python's 700.
+# Net allocations of tracked objects between two collections of the youngest generation (Python's default is
+# a few hundred: far fewer than a billing burst keeps alive at once).
 GC_YOUNG_THRESHOLD = 10_000
 
 
 def tune_garbage_collector() -> None:
     """In a worker process that is about to run tasks (after its warm start): move everything loaded so far
-    (Celery, SQLAlchemy, the app, ~140,000 objects) to the collector's permanent generation, which full
-    collections no longer walk, and collect the youngest generation less often.
+    (Celery, SQLAlchemy, the app) to the collector's permanent generation, which full collections no longer
+    walk, and collect the youngest generation less often.
 
     A billing burst keeps thousands of objects alive for a few hundred milliseconds each (a batch's rows, the
-    charges in flight), so with the defaults most collections walked live objects and promoted them: 7.8 s
-    of a worker's CPU per 40,000 charges went to the collector, 1.9 s with these settings (PERFORMANCE.md,
-    "What limits throughput now"). Memory did not grow from it (PERFORMANCE.md, "Memory"): a charge leaves no
-    reference cycles to wait for a collection."""
+    charges in flight), so with the defaults most collections walk live objects only to promote them, and the
+    collector takes a large share of a worker's CPU (PERFORMANCE.md has the measurement). Memory does not grow
+    from collecting less often: a charge leaves no reference cycles to wait for a collection."""
     gc.collect()
     gc.freeze()
     _, middle, oldest = gc.get_threshold()
@@ -67,14 +67,20 @@ class CeleryPublisher:
 class Runtime:
     """Holds the per-process Context; `context()` is cheap after the first call."""
 
-    def __init__(self, app: Celery, task_settings: TaskSettings) -> None:
+    def __init__(self, app: Celery, task_settings: TaskSettings | Callable[[], TaskSettings]) -> None:
+        """`task_settings` may be a function: the app's settings are read on first use, never at import."""
         self.app = app
-        self.task_settings = task_settings
+        self._task_settings = task_settings
         self._lock = threading.Lock()
         self._pid: int | None = None
         self._context: Context | None = None
         self._factory: Callable[[], Context] | None = None
         self._pool: tuple[int, GatewayPool] | None = None
+
+    @property
+    def task_settings(self) -> TaskSettings:
+        settings = self._task_settings
+        return settings if isinstance(settings, TaskSettings) else settings()
 
     def context(self) -> Context:
         context, pid = self._context, os.getpid()
@@ -109,8 +115,7 @@ class Runtime:
         reason to refuse to start; tasks connect (and retry) when they run.
 
         The gateway pool's event loop is NOT started here: it starts on the first batch, in the process that
-        runs it (the threaded design measured that starting its gateway threads up front made a worker slower;
-        PERFORMANCE.md, "Memory")."""
+        runs it, so a process that never charges a batch carries no idle loop or connections."""
         try:
             with self.context().sessions() as session:
                 session.execute(text("SELECT 1"))

@@ -28,6 +28,7 @@ pytestmark = [pytest.mark.celery, pytest.mark.redis, pytest.mark.slow]
 
 AUTH = ("ops", "correct-horse-battery")
 FINAL = {"SUCCESS", "FAILURE"}
+UNRUN_TOKEN = "tok_SECRET_never_run_7c1d"
 
 
 @pytest.fixture
@@ -103,8 +104,15 @@ def test_flower_shows_tasks_with_secrets_masked(
                 kwargs={"customer_id": misplaced_token, "token": misplaced_token},
                 queue="billing.default",
             ).id
+            # (a misspelled name: no worker ever runs it, so Flower has only the sender's task-sent event)
+            unrun = sender.send_task(
+                "billing.attach_crd", kwargs={"customer_id": bob, "token": UNRUN_TOKEN}, queue="billing.default"
+            ).id
             ids = {careless: "SUCCESS", careful: "SUCCESS", charge: "SUCCESS", misplaced: "FAILURE"}
             tasks = _wait_for_states(base, ids, proc)
+            unrun_info = _wait_for_task(base, unrun)
+            assert unrun_info["name"] == "billing.attach_crd"
+            assert unrun_info["kwargs"] is None and unrun_info["args"] is None
 
             # Then Flower lists them by name and id, with masked arguments
             assert tasks[careless]["name"] == "billing.attach_card"
@@ -135,7 +143,7 @@ def test_flower_shows_tasks_with_secrets_masked(
                 "/api/workers": _get(base, "/api/workers", refresh="1").text,
                 "/workers": _get(base, "/workers").text,
             }
-            for task_id in ids:
+            for task_id in (*ids, unrun):
                 pages[f"/task/{task_id}"] = _get(base, f"/task/{task_id}").text
                 pages[f"/api/task/info/{task_id}"] = _get(base, f"/api/task/info/{task_id}").text
             assert all(task_id in pages["/tasks/datatable"] for task_id in ids)
@@ -145,7 +153,7 @@ def test_flower_shows_tasks_with_secrets_masked(
             with ctx.sessions() as s:
                 card_ids = list(s.execute(select(Card.tpaga_card_id)).scalars())
             assert len(card_ids) == 3  # Ada's, and Bob's two
-            secrets = [DEFAULT_PRIVATE_KEY, raw_token, helper_token, misplaced_token, *card_ids]
+            secrets = [DEFAULT_PRIVATE_KEY, raw_token, helper_token, misplaced_token, UNRUN_TOKEN, *card_ids]
             for path, text in pages.items():
                 for secret in secrets:
                     assert secret not in text, f"a secret is visible on {path}"
@@ -187,6 +195,16 @@ def _wait_until_flower_sees_events(base: str, sender: Celery, timeout_seconds: f
                 return
             time.sleep(0.2)
     pytest.fail("Flower never saw a task event")
+
+
+def _wait_for_task(base: str, task_id: str, timeout_seconds: float = 30) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout_seconds
+    while time.monotonic() < deadline:
+        response = requests.get(base + f"/api/task/info/{task_id}", auth=AUTH, timeout=5)
+        if response.status_code == 200:
+            return dict(response.json())
+        time.sleep(0.2)
+    pytest.fail(f"Flower never saw task {task_id}")
 
 
 def _wait_for_states(

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import ast
+import importlib
 import inspect
+from pathlib import Path
 
 import pytest
 from kombu.exceptions import ContentDisallowed
 from kombu.serialization import dumps, loads
 
+import billing
 import tasks
+from billing import task_names
 from billing.config import ConfigError
 from tasks import config
 from tasks.config import TaskSettings, celery_config
@@ -30,6 +35,41 @@ def test_every_task_is_registered_under_its_stable_name() -> None:
         "billing.attach_card",
         "billing.cancel_subscription",
     }
+
+
+def test_every_name_in_the_task_names_module_is_registered_routed_and_documented() -> None:
+    constants = {value for key, value in vars(task_names).items() if key.isupper() and isinstance(value, str)}
+    assert constants == set(task_names.ALL_TASKS)  # every name is in one of the lists
+    assert len(task_names.ALL_TASKS) == len(constants)  # and in only one
+    for name in constants:
+        assert name in app.tasks, name
+        assert app.amqp.router.route({}, name, (), {})["queue"].name == config.ROUTES[name], name
+        assert name in config.KWARGS, name
+
+
+def _enqueue_calls() -> list[tuple[str, ast.Call]]:
+    """Every `enqueue(session, now, <task name>, ...)` call in the billing package, with its module's name."""
+    root = Path(billing.__file__).parent
+    calls = []
+    for path in sorted(root.rglob("*.py")):
+        module = ".".join(("billing", *path.relative_to(root).with_suffix("").parts))
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", None)) == "enqueue":
+                calls.append((module.removesuffix(".__init__"), node))
+    return calls
+
+
+def test_the_services_outbox_intents_name_their_task_through_the_task_names_module() -> None:
+    calls = _enqueue_calls()
+    assert len(calls) >= 4  # invoicing (one and a batch), catalog (a new card's retry), refunds
+    for module_name, call in calls:
+        where = f"{module_name}:{call.lineno}"
+        name_node = call.args[2]
+        assert not isinstance(name_node, ast.Constant), f"{where}: a task name as a literal; use billing.task_names"
+        module = importlib.import_module(module_name)
+        value = eval(compile(ast.Expression(name_node), where, "eval"), vars(module))  # a name or an attribute
+        assert value in task_names.ALL_TASKS, where
+        assert value in app.tasks and value in config.ROUTES, where
 
 
 @pytest.mark.parametrize("name", config.ALL_TASKS)

@@ -195,3 +195,18 @@ def test_attach_card_maps_gateway_errors_without_the_token(
     assert message in str(caught.value)
     assert SECRET not in str(caught.value)
     _no_chain(caught.value)
+
+
+def test_attach_card_on_a_worker_without_its_private_key_says_so_not_that_the_token_is_malformed(
+    sqlite_url: str,
+) -> None:
+    from billing.config import ConfigError
+
+    migrate.upgrade(sqlite_url)
+    # The worker's context as the environment builds it, with TPAGA_PRIVATE_KEY unset
+    tasks.runtime.use_factory(lambda: build_context(Settings(database_url=sqlite_url)))
+    try:
+        with pytest.raises(ConfigError, match="TPAGA_PRIVATE_KEY is not set"):
+            app.tasks["billing.attach_card"](customer_id=1, token=SECRET)
+    finally:
+        tasks.runtime.use_factory(None)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import io
+import logging
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -13,6 +16,8 @@ import tasks
 from tasks.base import MaskingRequest
 from tasks.client import send, send_attach_card
 from tasks.errors import TransientError
+from tasks.logs import install as install_log_masking
+from tasks.logs import mask_tokens
 from tasks.masking import masked_reprs
 
 app = tasks.app
@@ -154,6 +159,17 @@ def test_send_uses_each_tasks_queue() -> None:
     assert sender.calls[0][1]["kwargsrepr"] == "{'invoice_id': 5}"
 
 
+@pytest.fixture
+def log_masking() -> Iterator[None]:
+    """What a worker, beat or Flower does when it starts (tasks.configure_process), undone afterwards: the other
+    tests of this process check their own code's masking."""
+    factory = logging.getLogRecordFactory()
+    install_log_masking()
+    yield
+    logging.setLogRecordFactory(factory)
+
+
+@pytest.mark.usefixtures("log_masking")
 def test_the_consumer_logs_a_misspelled_tasks_message_without_its_arguments(caplog: pytest.LogCaptureFixture) -> None:
     from celery.worker.consumer import consumer
 
@@ -173,3 +189,37 @@ def test_the_consumer_logs_a_misspelled_tasks_message_without_its_arguments(capl
     assert TOKEN not in text
     assert "billing.attach_crd" in text
     assert text.count(HIDDEN_BODY) == 2
+
+
+@pytest.mark.usefixtures("log_masking")
+def test_no_log_record_from_any_logger_carries_a_token_after_the_process_is_configured() -> None:
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logging.Formatter("%(name)s %(message)s"))
+    parent = logging.getLogger("some.library")
+    parent.addHandler(handler)
+    parent.setLevel(logging.DEBUG)
+    try:
+        child = logging.getLogger("some.library.child")  # a record that propagates to the parent's handler
+        child.debug("body %r", f'[[], {{"customer_id": 1, "token": "{TOKEN}"}}, {{}}]'.encode())
+        child.info("kwargs %s", {"token": TOKEN, "customer_id": 1})
+        child.warning("form temp_token=%s&x=1", TOKEN)
+        child.info("cut short: %s", f'{{"token": "{TOKEN[:10]}')
+        try:
+            raise KeyError(f"{{'token': '{TOKEN}'}}")
+        except KeyError:
+            child.exception("failed")
+        child.debug(  # the pool's line, from whatever logger
+            "TaskPool: Apply %s (args:%s kwargs:%s)",
+            "<function fast_trace_task>",
+            f"('billing.attach_card', 'id-1', {{}}, b'[[1, \"{TOKEN}\"], {{}}, {{}}]', 'application/json')",
+            "{}",
+        )
+    finally:
+        parent.removeHandler(handler)
+    text = stream.getvalue()
+    assert TOKEN not in text and TOKEN[:10] not in text
+    assert '"token": "***"' in text and "'token': '***'" in text and "temp_token=***&x=1" in text
+    assert "KeyError: \"{'token': '***'}\"" in text
+    assert "TaskPool: Apply <function fast_trace_task> (args:['billing.attach_card', 'id-1', <hidden" in text
+    assert mask_tokens("the token is malformed") == "the token is malformed"  # no value under a key: kept

@@ -3,12 +3,19 @@ never from the sender's task-sent event (which a careless sender fills with the 
 
 from __future__ import annotations
 
+import pytest
 from celery.events.state import State
 
-import tasks  # noqa: F401  (installs the monitor's rule)
+from tasks import monitor
 from tasks.monitor import without_client_arguments
 
 TOKEN = "tok_secret_0123456789abcdef"
+
+
+@pytest.fixture(autouse=True)
+def _configured_process() -> None:
+    # Part of what a worker, beat or Flower does when it starts (tasks.configure_process); importing does not.
+    monitor.install()
 
 
 def _event(kind: str, clock: int, **fields: object) -> dict[str, object]:

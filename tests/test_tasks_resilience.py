@@ -11,8 +11,14 @@ import pytest
 from kombu import Connection
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-import tasks  # noqa: F401  (installs the guard)
+from tasks import resilience
 from tests.procs import RedisServer
+
+
+@pytest.fixture(autouse=True)
+def _configured_process() -> None:
+    # Part of what a worker, beat or Flower does when it starts (tasks.configure_process); importing does not.
+    resilience.install()
 
 
 @pytest.fixture

@@ -8,6 +8,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from billing import task_names
 from billing.db import cas
 from billing.db.models import Card, Customer, Invoice, Plan, Subscription
 from billing.domain.money import Money, MoneyError
@@ -159,7 +160,7 @@ def _retry_waiting_invoices(session: Session, ctx: Context, customer_id: int, ca
             # Compare-and-set: only invoices still open are rescheduled; in-flight attempts are untouched
             # because an attempt row, not due_at, is what blocks a second charge.
             if cas.update_while(session, Invoice, invoice_id, InvoiceState.OPEN, due_at=now, updated_at=now):
-                enqueue(session, now, "billing.charge_invoice", invoice_id=invoice_id)
+                enqueue(session, now, task_names.CHARGE_INVOICE, invoice_id=invoice_id)
                 events.record(session, now, "invoice.retry_new_card", subscription_id=sub.id, invoice_id=invoice_id)
 
 

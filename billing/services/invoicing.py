@@ -17,6 +17,7 @@ from typing import Any
 from sqlalchemy import Select, select
 from sqlalchemy.orm import Session
 
+from billing import task_names
 from billing.db import bulk
 from billing.db.models import Event, Invoice, Plan, Subscription
 from billing.domain.periods import Interval, due_period_indexes, period_at, period_boundary
@@ -28,8 +29,8 @@ MAX_PERIODS_PER_PASS = 24
 # Invoices per `billing.charge_invoices` message; 1 sends one `billing.charge_invoice` per invoice instead.
 DEFAULT_BATCH_SIZE = 100
 
-CHARGE_INVOICE = "billing.charge_invoice"
-CHARGE_INVOICES = "billing.charge_invoices"
+CHARGE_INVOICE = task_names.CHARGE_INVOICE
+CHARGE_INVOICES = task_names.CHARGE_INVOICES
 
 
 def due_subscriptions_query(now: datetime, limit: int) -> Select[Subscription]:

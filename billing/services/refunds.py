@@ -17,6 +17,7 @@ from sqlalchemy import or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from billing import task_names
 from billing.db import cas
 from billing.db.models import ChargeAttempt, Invoice, Refund
 from billing.domain.refunds import refund_deadline
@@ -29,7 +30,7 @@ from billing.services.pause import PauseReason, pause_billing
 
 log = logging.getLogger("billing.refunds")
 
-EXECUTE_REFUND = "billing.execute_refund"
+EXECUTE_REFUND = task_names.EXECUTE_REFUND
 
 # An unknown refund waits as long as it has existed (so the waits double), within these bounds.
 RETRY_FIRST = timedelta(seconds=60)

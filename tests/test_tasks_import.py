@@ -1,0 +1,110 @@
+"""Nothing at import time: another app may import `tasks.client` wherever it runs, whatever `.env` it finds.
+
+Importing `tasks` or `tasks.client` reads no `.env`, raises nothing and patches nothing (logging, Celery's event
+state, kombu); the `celery -A tasks ...` commands still read the settings before they start and stop on a
+malformed one, naming the variable.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from billing.db import migrate
+from tasks.testing import CeleryProcess, process_env, worker
+
+MALFORMED_ENV = "BILLING_SENDING_LEASE_SECONDS=abc\nCELERY_BROKER_URL=redis://nowhere.invalid:1/0\n"
+
+# Imports tasks.client in a directory whose .env is malformed, checks that importing changed nothing, then
+# sends with the sender's own Celery app.
+SENDER = textwrap.dedent(
+    """
+    import json, logging, os, sys
+    factory = logging.getLogRecordFactory()
+    environ = dict(os.environ)
+
+    import tasks.client
+    from celery import Celery
+    from celery.events import state as event_state
+    from kombu.transport import redis as kombu_redis
+
+    import tasks
+
+    assert dict(os.environ) == environ, "importing read .env"
+    assert not tasks.app.configured, "importing configured the app"
+    assert logging.getLogRecordFactory() is factory, "importing patched logging"
+    assert not hasattr(event_state.Task.event, "_billing_ignores_client_arguments"), "importing patched events"
+    assert not hasattr(kombu_redis.Channel._connparams, "_billing_detached_transport_is_a_connection_error")
+
+    shop = Celery("shop", broker=sys.argv[1])
+    task_id = tasks.client.send(shop, "billing.charge_invoice", invoice_id=987654)
+    card_task_id = tasks.client.send_attach_card(shop, 987654, "tok_import_test")
+    assert not [name for name in shop.tasks if name.startswith("billing.")], "our tasks joined the sender's app"
+    assert not tasks.app.configured and logging.getLogRecordFactory() is factory, "sending configured our app"
+    print(json.dumps([task_id, card_task_id]))
+    """
+)
+
+
+@pytest.fixture
+def malformed_dir(tmp_path: Path) -> Path:
+    directory = tmp_path / "shop"
+    directory.mkdir()
+    (directory / ".env").write_text(MALFORMED_ENV)
+    return directory
+
+
+def test_tasks_client_imports_and_sends_where_the_env_file_is_malformed(
+    malformed_dir: Path, sqlite_url: str, tmp_path: Path
+) -> None:
+    # Given the embedded broker, and a worker started in a good directory
+    broker_url = f"sqla+sqlite:///{tmp_path}/broker.db"
+    migrate.upgrade(sqlite_url)
+    env = process_env(
+        {
+            "DATABASE_URL": sqlite_url,
+            "CELERY_BROKER_URL": broker_url,
+            "TPAGA_PRIVATE_KEY": "pk_test",  # never used: the ids name nothing
+            "TPAGA_PUBLIC_KEY": "pub_test",
+        }
+    )
+    proc = worker(env, tmp_path / "worker.log")
+    proc.cwd = tmp_path  # a good directory: no .env
+    with proc:
+        proc.wait_for_log(r"ready\.", 60)
+
+        # When another app imports tasks.client where a malformed .env lies, and sends
+        sent = subprocess.run(
+            [sys.executable, "-c", SENDER, broker_url],
+            capture_output=True,
+            text=True,
+            cwd=malformed_dir,
+            env=process_env({}),
+            timeout=120,
+            check=False,
+        )
+        assert sent.returncode == 0, sent.stderr[-3000:]
+        charge_id, card_id = json.loads(sent.stdout.strip().splitlines()[-1])
+
+        # Then the worker receives both and runs them (the ids name nothing: each fails once, precisely)
+        proc.wait_for_log(rf"billing.charge_invoice\[{charge_id}\] raised expected: TaskInputError", 60)
+        proc.wait_for_log(rf"billing.attach_card\[{card_id}\] raised expected: TaskInputError", 60)
+        assert "customer 987654 does not exist" in proc.log_text()
+    assert "tok_import_test" not in proc.log_text()
+
+
+@pytest.mark.parametrize("command", ["worker", "beat", "flower"])
+def test_a_celery_command_started_with_a_malformed_setting_stops_naming_the_variable(
+    malformed_dir: Path, command: str
+) -> None:
+    proc = CeleryProcess([command], process_env({}), malformed_dir.parent / f"{command}.log", cwd=malformed_dir)
+    with proc:
+        assert proc.proc is not None
+        proc.proc.wait(60)
+    assert proc.proc.returncode != 0
+    assert "BILLING_SENDING_LEASE_SECONDS must be an integer, got 'abc'" in proc.log_text()
