@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import time
 import itertools
 import threading
+import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import UTC, datetime

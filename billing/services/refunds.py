@@ -30,7 +30,6 @@ from billing.services.pause import PauseReason, pause_billing
 
 log = logging.getLogger("billing.refunds")
 
-EXECUTE_REFUND = task_names.EXECUTE_REFUND
 
 # An unknown refund waits as long as it has existed (so the waits double), within these bounds.
 RETRY_FIRST = timedelta(seconds=60)
@@ -137,7 +136,7 @@ def open_refund(
         refund_id=refund.id,
     )
     if not expired:
-        enqueue(session, now, EXECUTE_REFUND, refund_id=refund.id)
+        enqueue(session, now, task_names.EXECUTE_REFUND, refund_id=refund.id)
     return RefundOutcome(refund.id, refund.state, created=True, invoice_id=invoice_id)
 
 
