@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
+from billing.domain.dunning import check_retry_days
+
 DEFAULT_TPAGA_API_URL = "https://sandbox.tpaga.co/api/"
 DEFAULT_DATABASE_URL = "sqlite:///billing.db"
 DEFAULT_BROKER_URL = "sqla+sqlite:///celery-broker.db"
@@ -84,9 +86,10 @@ def _days(env: dict[str, str], name: str, default: tuple[int, ...]) -> tuple[int
         days = tuple(int(part) for part in raw.split(",") if part.strip())
     except ValueError:
         raise ConfigError(f"{name} must be comma-separated whole days, e.g. 1,3,5,7; got {raw!r}") from None
-    if not days or any(d <= 0 for d in days) or list(days) != sorted(set(days)):
-        raise ConfigError(f"{name} must be strictly increasing positive days, got {raw!r}")
-    return days
+    try:
+        return check_retry_days(days) if days else check_retry_days(None)
+    except ValueError:
+        raise ConfigError(f"{name} must be strictly increasing positive days, got {raw!r}") from None
 
 
 @dataclass(frozen=True)

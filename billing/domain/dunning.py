@@ -25,6 +25,17 @@ class Action(StrEnum):
     REVIEW = "review"  # the outcome is unknown: no charge until resolved
 
 
+def check_retry_days(days: object) -> tuple[int, ...]:
+    """`days` itself when it is a schedule of retries: a tuple of strictly increasing positive whole days."""
+    if not isinstance(days, tuple):
+        raise ValueError(f"retry_days must be a tuple of whole days, got {type(days).__name__}")
+    if any(isinstance(d, bool) or not isinstance(d, int) for d in days):
+        raise ValueError(f"retry_days must be whole days (int), got {days!r}")
+    if any(d <= 0 for d in days) or any(a >= b for a, b in pairwise(days)):
+        raise ValueError(f"retry_days must be strictly increasing positive days, got {days!r}")
+    return days
+
+
 @dataclass(frozen=True)
 class DunningPolicy:
     """When to retry a soft-declined invoice and what happens to the subscription at the end.
@@ -40,13 +51,7 @@ class DunningPolicy:
     min_retry_gap: timedelta = timedelta(hours=12)
 
     def __post_init__(self) -> None:
-        days = self.retry_days
-        if not isinstance(days, tuple):
-            raise ValueError(f"retry_days must be a tuple of whole days, got {type(days).__name__}")
-        if any(isinstance(d, bool) or not isinstance(d, int) for d in days):
-            raise ValueError(f"retry_days must be whole days (int), got {days!r}")
-        if any(d <= 0 for d in days) or any(a >= b for a, b in pairwise(days)):
-            raise ValueError(f"retry_days must be strictly increasing positive days, got {days!r}")
+        check_retry_days(self.retry_days)
         if not isinstance(self.min_retry_gap, timedelta) or self.min_retry_gap < timedelta(0):
             raise ValueError(f"min_retry_gap must be a non-negative timedelta, got {self.min_retry_gap!r}")
         if self.final_action not in FINAL_ACTIONS:

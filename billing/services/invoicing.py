@@ -14,14 +14,15 @@ from collections import defaultdict
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Select, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from billing import task_names
 from billing.db import bulk
-from billing.db.models import Event, Invoice, Plan, Subscription
+from billing.db.models import Invoice, Plan, Subscription
 from billing.domain.periods import Interval, due_period_indexes, period_at, period_boundary
 from billing.domain.states import InvoiceState, SubscriptionStatus
+from billing.services import events
 from billing.services.context import Context, enqueue
 
 # Catch-up after long downtime is bounded per pass so one subscription cannot hold a transaction forever.
@@ -33,19 +34,9 @@ CHARGE_INVOICE = task_names.CHARGE_INVOICE
 CHARGE_INVOICES = task_names.CHARGE_INVOICES
 
 
-def due_subscriptions_query(now: datetime, limit: int) -> Select[Subscription]:
-    """Subscriptions whose next period has started; skip rows another worker holds (PostgreSQL)."""
-    return (
-        select(Subscription)
-        .where(Subscription.next_billing_at.is_not(None), Subscription.next_billing_at <= now)
-        .order_by(Subscription.next_billing_at)
-        .limit(limit)
-        .with_for_update(skip_locked=True)
-    )
-
-
 def due_subscription_rows(now: datetime, limit: int) -> Any:
-    """The same scan, reading only the columns that opening needs (Core columns: no ORM objects to build)."""
+    """Subscriptions whose next period has started, skipping rows another opener holds (PostgreSQL); only the
+    columns that opening needs (Core columns: no ORM objects to build)."""
     table: Any = Subscription.__table__
     return (
         select(
@@ -87,13 +78,14 @@ def open_due_invoices(ctx: Context, *, limit: int = 500, batch_size: int = DEFAU
             updates.append(update_values)
         opened = _insert_invoices(session, invoices)
         event_rows = [
-            _event(now, "subscription.canceled", subscription_id, at_period_end=True) for subscription_id in canceled
+            events.row(now, "subscription.canceled", subscription_id=subscription_id, at_period_end=True)
+            for subscription_id in canceled
         ]
         event_rows += [
-            _event(now, "invoice.opened", subscription_id, invoice_id=invoice_id, period=period)
+            events.row(now, "invoice.opened", subscription_id=subscription_id, invoice_id=invoice_id, period=period)
             for invoice_id, subscription_id, period in opened
         ]
-        bulk.insert_rows(session, Event, event_rows)
+        events.record_many(session, event_rows)
         invoice_ids = [invoice_id for invoice_id, _, _ in opened]
         if batch_size <= 1:
             for invoice_id in invoice_ids:
@@ -171,27 +163,3 @@ def _update_subscriptions(session: Session, updates: list[dict[str, Any]]) -> No
         groups[tuple(sorted(values))].append(values)
     for rows in groups.values():
         bulk.update_rows(session, Subscription, rows, unless_changed="next_period_index")
-
-
-def _event(now: datetime, kind: str, subscription_id: int, **data: Any) -> dict[str, Any]:
-    invoice_id = data.pop("invoice_id", None)
-    return {
-        "at": now,
-        "kind": kind,
-        "subscription_id": subscription_id,
-        "invoice_id": invoice_id,
-        "attempt_id": None,
-        "refund_id": None,
-        "data": data,
-    }
-
-
-def open_invoice_count(session: Session, subscription_id: int) -> int:
-    return len(
-        session.execute(
-            select(Invoice.id).where(
-                Invoice.subscription_id == subscription_id,
-                Invoice.state.in_((InvoiceState.OPEN, InvoiceState.REVIEW)),
-            )
-        ).all()
-    )
