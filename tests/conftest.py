@@ -1,6 +1,8 @@
 """Shared fixtures: real services when present, clear skips when not.
 
-Set BILLING_TEST_REQUIRE_SERVICES=1 (CI does) to turn "service not available" skips into failures.
+Every skip in the suite goes through `service_missing`, so that BILLING_TEST_REQUIRE_SERVICES=1 (CI sets it)
+turns each of them into a failure: a run that claims to have tested PostgreSQL, Redis or a private server
+cannot pass without them.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ import os
 import socket
 import uuid
 from collections.abc import Iterator
+from typing import NoReturn
 from urllib.parse import quote
 
 import pytest
@@ -18,7 +21,7 @@ PG_URL = os.environ.get("BILLING_TEST_PG_URL", "postgresql+psycopg://postgres@12
 REDIS_URL = os.environ.get("BILLING_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 
 
-def service_missing(what: str, why: str) -> None:
+def service_missing(what: str, why: str) -> NoReturn:
     """Skip the test with a clear reason, or fail it when services are required."""
     message = f"{what} is not available ({why})"
     if REQUIRE_SERVICES:

@@ -25,11 +25,7 @@ from billing.gateway import (
     UnauthorizedError,
     ValidationError,
 )
-
-try:
-    from billing.sandbox.server import DEFAULT_PRIVATE_KEY, DEFAULT_PUBLIC_KEY, SandboxThread
-except ImportError:  # pragma: no cover - the emulator ships with the package
-    pytest.skip("billing.sandbox is not available", allow_module_level=True)
+from billing.sandbox.server import DEFAULT_PRIVATE_KEY, DEFAULT_PUBLIC_KEY, SandboxThread
 
 
 class NoJitter:

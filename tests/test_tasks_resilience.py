@@ -12,6 +12,7 @@ from kombu import Connection
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from tasks import resilience
+from tests.conftest import service_missing
 from tests.procs import RedisServer
 
 
@@ -24,9 +25,10 @@ def _configured_process() -> None:
 @pytest.fixture
 def redis_url(tmp_path: Path) -> Iterator[str]:
     try:
-        server = RedisServer(tmp_path).start()
-    except RuntimeError as exc:
-        pytest.skip(str(exc))
+        server = RedisServer(tmp_path)
+    except RuntimeError as exc:  # the binaries are missing; a server that fails to start is a failure
+        service_missing("redis-server", str(exc))
+    server.start()
     yield server.url
     server.stop()
 

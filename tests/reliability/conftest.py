@@ -1,8 +1,8 @@
 """Fixtures of the reliability suite, and the figures file it leaves behind.
 
 Every test here is marked `reliability` (run them alone with `pytest -m reliability`); they need PostgreSQL,
-the redis-server binary (each test starts its own server on a free port) and start real Celery processes.
-At the end of the session the figures of every scenario that ran are written to
+the redis-server and redis-cli binaries (each test starts its own server on a free port) and start real Celery
+processes. At the end of the session the figures of every scenario that ran are written to
 `bench-results/reliability.json` and summarised in the terminal.
 """
 
@@ -28,8 +28,9 @@ RESULTS = Path(__file__).resolve().parents[2] / "bench-results"
 def make_world(pg_url: str, sandbox_factory: Any, tmp_path: Path) -> Iterator[Callable[..., World]]:
     """`make_world(name, database_url=None, **emulator config)`: one world per test (on a fresh schema of the
     shared PostgreSQL unless `database_url` names another), closed (every process stopped) afterwards."""
-    if shutil.which("redis-server") is None:
-        service_missing("redis-server", "the binary is not installed; the suite starts its own server")
+    missing = [binary for binary in ("redis-server", "redis-cli") if shutil.which(binary) is None]
+    if missing:
+        service_missing(" and ".join(missing), "not installed; the suite starts and drives its own Redis server")
     made: list[World] = []
 
     def make(name: str, database_url: str | None = None, **sandbox_config: Any) -> World:

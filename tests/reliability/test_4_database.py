@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from tests.conftest import service_missing
 from tests.procs import PostgresServer
 from tests.reliability.harness import scaled, timed
 from tests.reliability.proof import prove
@@ -65,7 +66,7 @@ def test_postgresql_restarted_mid_run_loses_nothing(make_world: Any) -> None:
     try:
         server = PostgresServer().start()
     except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
-        pytest.skip(f"cannot create a private PostgreSQL cluster: {exc}")
+        service_missing("a private PostgreSQL cluster", f"initdb or pg_ctl failed: {exc}")
     figures: dict[str, Any] = {"runs": 1}
     world = None
     try:
