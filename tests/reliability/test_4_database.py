@@ -4,9 +4,9 @@ billing runs (`pg_terminate_backend`, only this test's connections, found by the
 Workers must recover (the pool reconnects), interrupted tasks retry with short countdowns, outcomes already
 paid for at Tpaga are recorded after a retry, and nothing is lost or charged twice.
 
-A full server restart would disturb whatever else uses the machine's shared PostgreSQL, so it only runs in
-the full run with RELIABILITY_PG_RESTART=1, and against a private cluster the test creates (initdb into a
-temporary directory, as user postgres when run as root), restarted with `pg_ctl restart -m fast`.
+A full server restart would disturb whatever else uses the machine's shared PostgreSQL, so it runs against a
+private cluster the test creates (initdb into a temporary directory, as user postgres when run as root),
+restarted with `pg_ctl restart -m fast`, and only with RELIABILITY_PG_RESTART=1 (the full run and CI set it).
 """
 
 from __future__ import annotations
@@ -58,6 +58,7 @@ def test_database_connections_terminated_mid_run_lose_nothing(make_world: Any) -
     prove(world, figures)
 
 
+# An opt-in, not a missing service (so not service_missing): a developer's run leaves it out, .ci/run sets it.
 @pytest.mark.skipif(
     os.environ.get("RELIABILITY_PG_RESTART") != "1",
     reason="restarts a PostgreSQL server (a private one it creates): only in the full run, RELIABILITY_PG_RESTART=1",
