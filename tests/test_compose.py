@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -12,12 +16,65 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 SERVICES: dict[str, Any] = COMPOSE["services"]
-ENV_EXAMPLE = {
-    line.split("=", 1)[0]
+ENV_EXAMPLE_VALUES = dict(
+    line.split("=", 1)
     for line in (ROOT / ".env.example").read_text().splitlines()
     if line.strip() and not line.lstrip().startswith("#")
-}
+)
+ENV_EXAMPLE = set(ENV_EXAMPLE_VALUES)
 BILLING_SERVICES = ("migrate", "sandbox", "worker", "beat", "flower")
+
+
+class _ComposeLoader(yaml.SafeLoader):
+    """Keeps Compose's merge tags (!reset, !override) as (tag, value) pairs."""
+
+
+def _tagged(loader: yaml.SafeLoader, node: yaml.Node) -> tuple[str, Any]:
+    if isinstance(node, yaml.MappingNode):
+        return node.tag, loader.construct_mapping(node)
+    assert isinstance(node, yaml.ScalarNode)
+    return node.tag, loader.construct_scalar(node)
+
+
+for _tag in ("!reset", "!override"):
+    _ComposeLoader.add_constructor(_tag, _tagged)
+PRODUCTION: dict[str, Any] = yaml.load((ROOT / "deploy" / "compose.production.yml").read_text(), Loader=_ComposeLoader)[
+    "services"
+]
+
+_spec = importlib.util.spec_from_file_location("production_check", ROOT / "deploy" / "production_check.py")
+assert _spec is not None and _spec.loader is not None
+PRODUCTION_CHECK = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(PRODUCTION_CHECK)
+
+
+def _interpolated(environment: dict[str, str], values: dict[str, str]) -> dict[str, str]:
+    """Compose's interpolation of ${VAR}, ${VAR:-default} and ${VAR:?error} (ValueError for the last)."""
+
+    def one(match: re.Match[str]) -> str:
+        name, operator, argument = match.group(1), match.group(2), match.group(3) or ""
+        value = values.get(name, "")
+        if operator == ":?" and not value:
+            raise ValueError(f"{name}: {argument}")
+        if operator == ":-" and not value:
+            return argument
+        return value
+
+    pattern = re.compile(r"\$\{([A-Z_][A-Z0-9_]*)(?:(:[-?])([^}]*))?\}")
+    return {key: pattern.sub(one, str(value)) for key, value in environment.items()}
+
+
+def _run_production_check(environment: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """The check as the container runs it: its own process, only the stack's variables for Tpaga."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TPAGA_")} | environment
+    return subprocess.run(
+        [sys.executable, str(ROOT / "deploy" / "production_check.py")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
 
 
 def _command(service: str) -> str:
@@ -114,23 +171,109 @@ def test_workers_reach_the_sandbox_over_loopback_for_the_try_out() -> None:
 
 
 def test_the_production_override_detaches_workers_from_the_sandbox() -> None:
-    class ComposeLoader(yaml.SafeLoader):
-        pass
-
-    for tag in ("!reset", "!override"):
-        ComposeLoader.add_constructor(
-            tag,
-            lambda loader, node, tag=tag: (
-                tag,
-                loader.construct_mapping(node) if isinstance(node, yaml.MappingNode) else loader.construct_scalar(node),
-            ),
-        )
-    override = yaml.load((ROOT / "deploy" / "compose.production.yml").read_text(), Loader=ComposeLoader)
-    worker = override["services"]["worker"]
+    worker = PRODUCTION["worker"]
     assert worker["network_mode"][0] == "!reset"
     assert "sandbox" not in worker["depends_on"][1]
     assert worker["environment"]["TPAGA_API_URL"].startswith("${TPAGA_API_URL:?")
-    assert override["services"]["sandbox"]["profiles"] == ["tryout"]
+    assert PRODUCTION["sandbox"]["profiles"] == ["tryout"]
+
+
+# --- the production override refuses the emulator (what a plain copy of .env.example points at) ------------
+
+
+def test_the_production_check_runs_before_the_migration_and_the_workers() -> None:
+    check = PRODUCTION["production-check"]
+    assert check["build"] == {"context": ".", "dockerfile": "deploy/Dockerfile"}
+    assert check["command"] == ["billing-production-check"]
+    assert check["restart"] == "no"
+    assert PRODUCTION["migrate"]["depends_on"]["production-check"] == {"condition": "service_completed_successfully"}
+    tag, worker_depends = PRODUCTION["worker"]["depends_on"]
+    assert tag == "!override"
+    assert worker_depends["production-check"] == {"condition": "service_completed_successfully"}
+    # It checks exactly what the workers get.
+    for name in ("TPAGA_API_URL", "TPAGA_PRIVATE_KEY"):
+        assert check["environment"][name] == PRODUCTION["worker"]["environment"][name]
+    assert (
+        "COPY deploy/production_check.py /usr/local/bin/billing-production-check"
+        in (ROOT / "deploy" / "Dockerfile").read_text()
+    )
+    assert "!deploy/production_check.py" in (ROOT / "deploy" / "Dockerfile.dockerignore").read_text().splitlines()
+    assert (ROOT / "deploy" / "production_check.py").stat().st_mode & 0o111
+
+
+def test_the_production_stack_refuses_a_plain_copy_of_env_example() -> None:
+    environment = _interpolated(PRODUCTION["production-check"]["environment"], ENV_EXAMPLE_VALUES)
+    result = _run_production_check(environment)
+    assert result.returncode == 2, result
+    assert "TPAGA_API_URL=http://127.0.0.1:8090/api/ is not an https URL" in result.stderr
+    assert "TPAGA_PRIVATE_KEY is the emulator's private key" in result.stderr
+    assert "TPAGA_PUBLIC_KEY is the emulator's public key" in result.stderr
+    assert "refusing to start" in result.stderr
+    assert ENV_EXAMPLE_VALUES["TPAGA_PRIVATE_KEY"] not in result.stdout + result.stderr
+
+
+def test_the_production_stack_starts_with_tpaga_s_url_and_real_keys() -> None:
+    values = {
+        **ENV_EXAMPLE_VALUES,
+        "TPAGA_API_URL": "https://api.tpaga.co/api/",
+        "TPAGA_PRIVATE_KEY": "a-real-private-key",
+        "TPAGA_PUBLIC_KEY": "pk_prod_a-real-public-key",
+    }
+    result = _run_production_check(_interpolated(PRODUCTION["production-check"]["environment"], values))
+    assert result.returncode == 0, result
+    assert result.stderr == ""
+
+
+def test_compose_refuses_a_production_stack_without_a_url_or_a_private_key() -> None:
+    values = {k: v for k, v in ENV_EXAMPLE_VALUES.items() if k not in ("TPAGA_API_URL", "TPAGA_PRIVATE_KEY")}
+    with pytest.raises(ValueError, match=r"TPAGA_API_URL: set TPAGA_API_URL \(https\) in .env"):
+        _interpolated(PRODUCTION["production-check"]["environment"], values)
+
+
+@pytest.mark.parametrize(
+    ("url", "why"),
+    [
+        ("http://127.0.0.1:8090/api/", "not an https URL"),
+        ("http://api.tpaga.co/api/", "not an https URL"),
+        ("127.0.0.1:8090/api/", "not an https URL"),
+        ("https://127.0.0.1:8090/api/", "loopback address"),
+        ("https://127.1.2.3/api/", "loopback address"),
+        ("https://[::1]:8090/api/", "loopback address"),
+        ("https://0.0.0.0:8090/api/", "loopback address"),
+        ("https://localhost:8090/api/", "loopback address"),
+        ("https://LOCALHOST./api/", "loopback address"),
+        ("https://tpaga.localhost/api/", "loopback address"),
+        ("https://sandbox:8090/api/", "emulator service (sandbox)"),
+        ("https://tpaga-billing-sandbox-1:8090/api/", "emulator service (sandbox)"),
+        ("https://tpaga_billing_sandbox_2:8090/api/", "emulator service (sandbox)"),
+        ("", "empty"),
+    ],
+)
+def test_the_production_check_refuses_every_emulator_url(url: str, why: str) -> None:
+    problem = PRODUCTION_CHECK.url_problem(url)
+    assert problem is not None
+    assert why in problem
+
+
+@pytest.mark.parametrize(
+    "url", ["https://api.tpaga.co/api/", "https://sandbox.tpaga.co/api/", "https://tpaga.internal.example:8443/"]
+)
+def test_the_production_check_accepts_a_remote_https_gateway(url: str) -> None:
+    # Tpaga's own sandbox (sandbox.tpaga.co) is a remote gateway, not the bundled emulator.
+    assert PRODUCTION_CHECK.url_problem(url) is None
+
+
+def test_the_check_knows_the_emulator_service_and_keys_the_stack_and_the_docs_use() -> None:
+    from billing.sandbox import DEFAULT_PRIVATE_KEY, DEFAULT_PUBLIC_KEY
+
+    emulators = {
+        name for name, spec in SERVICES.items() if "command" in spec and _command(name).startswith("billing sandbox")
+    }
+    assert emulators == {PRODUCTION_CHECK.EMULATOR_SERVICE}
+    sandbox_doc = (ROOT / "docs" / "sandbox.md").read_text()
+    assert DEFAULT_PRIVATE_KEY in sandbox_doc
+    assert DEFAULT_PUBLIC_KEY in sandbox_doc
+    assert set(PRODUCTION_CHECK.DEMO_KEYS) == {DEFAULT_PRIVATE_KEY, DEFAULT_PUBLIC_KEY}
 
 
 def test_every_variable_the_stack_and_the_code_read_is_in_env_example() -> None:
@@ -144,11 +287,7 @@ def test_every_variable_the_stack_and_the_code_read_is_in_env_example() -> None:
 def test_env_example_holds_no_real_secret() -> None:
     from billing.sandbox import DEFAULT_PRIVATE_KEY, DEFAULT_PUBLIC_KEY
 
-    values = dict(
-        line.split("=", 1)
-        for line in (ROOT / ".env.example").read_text().splitlines()
-        if line.strip() and not line.startswith("#")
-    )
+    values = ENV_EXAMPLE_VALUES
     assert values["TPAGA_PRIVATE_KEY"] == DEFAULT_PRIVATE_KEY
     assert values["TPAGA_PUBLIC_KEY"] == DEFAULT_PUBLIC_KEY
     assert "change-me" in values["POSTGRES_PASSWORD"]
