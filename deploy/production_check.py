@@ -48,6 +48,8 @@ def url_problem(url: str) -> str | None:
         return "TPAGA_API_URL is empty: set Tpaga's https URL in .env"
     parts = urlsplit(url)
     host = (parts.hostname or "").lower().rstrip(".")
+    if parts.username or parts.password:  # the message goes to the logs: never repeat credentials
+        url = parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]).geturl()
     if parts.scheme != "https" or not host:
         return f"TPAGA_API_URL={url} is not an https URL: production talks to Tpaga over https only"
     if _is_local_address(host):

@@ -255,6 +255,13 @@ def test_the_production_check_refuses_every_emulator_url(url: str, why: str) -> 
     assert why in problem
 
 
+def test_the_production_check_never_repeats_credentials_in_a_url() -> None:
+    problem = PRODUCTION_CHECK.url_problem("http://user:s3cret@127.0.0.1:8090/api/")
+    assert problem == (
+        "TPAGA_API_URL=http://127.0.0.1:8090/api/ is not an https URL: production talks to Tpaga over https only"
+    )
+
+
 @pytest.mark.parametrize(
     "url", ["https://api.tpaga.co/api/", "https://sandbox.tpaga.co/api/", "https://tpaga.internal.example:8443/"]
 )
