@@ -291,6 +291,13 @@ def test_every_variable_the_stack_and_the_code_read_is_in_env_example() -> None:
     assert read_by_code - ENV_EXAMPLE == set()
 
 
+def test_every_variable_the_code_reads_reaches_the_workers() -> None:
+    # Compose reads .env only to interpolate the file: a variable the file does not pass never reaches a container.
+    code = (ROOT / "billing" / "config.py").read_text() + (ROOT / "tasks" / "config.py").read_text()
+    read_by_code = set(re.findall(r"\"((?:BILLING|TPAGA|CELERY|DATABASE)_[A-Z_]+)\"", code))
+    assert read_by_code - set(SERVICES["worker"]["environment"]) == set()
+
+
 def test_env_example_holds_no_real_secret() -> None:
     from billing.sandbox import DEFAULT_PRIVATE_KEY, DEFAULT_PUBLIC_KEY
 
