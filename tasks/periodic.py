@@ -13,7 +13,7 @@ from celery import Task
 from kombu.exceptions import ChannelError
 
 from billing.db import control
-from billing.services import invoicing, pause, reconcile, refunds
+from billing.services import invoicing, pause, reconcile, voids
 from billing.services.context import Context
 from billing.services.outbox import relay_outbox as relay_outbox_service
 from tasks import config as names
@@ -110,9 +110,9 @@ def enqueue_due_invoices(ctx: Context) -> dict[str, Any]:
 def run_refunds(ctx: Context) -> dict[str, Any]:
     """Expire requested refunds whose void window has passed (Tpaga not called) and enqueue the others, with
     the unknown ones whose next try has come."""
-    expired = refunds.expire_refunds(ctx)
+    expired = voids.expire_refunds(ctx)
     with ctx.sessions() as session:
-        ids = refunds.due_refund_ids(session, ctx.clock.now(), limit=REFUND_BATCH)
+        ids = voids.due_refund_ids(session, ctx.clock.now(), limit=REFUND_BATCH)
     for refund_id in ids:
         _send(names.EXECUTE_REFUND, refund_id=refund_id)
     return {"expired": expired, "enqueued": len(ids)}

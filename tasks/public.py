@@ -10,7 +10,7 @@ from collections import Counter
 from typing import Any
 
 from billing.gateway import errors as gw
-from billing.services import catalog, charging, refunds, subscriptions
+from billing.services import catalog, charging, refunds, subscriptions, voids
 from tasks import config as names
 from tasks.app import runtime, task
 from tasks.errors import GatewayError, TaskInputError, TransientError
@@ -89,4 +89,4 @@ def cancel_subscription(
 @task(names.EXECUTE_REFUND)
 def execute_refund(*, refund_id: int) -> dict[str, Any]:
     """Void a requested refund's charge at Tpaga if its window is open; expire it without calling Tpaga if not."""
-    return refunds.execute_refund(runtime.context(), refund_id).as_dict()
+    return voids.execute_refund(runtime.context(), refund_id).as_dict()

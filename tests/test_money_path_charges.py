@@ -23,7 +23,7 @@ from billing.db.models import Card, ChargeAttempt, Event, Invoice, Refund, Subsc
 from billing.domain.money import Money
 from billing.gateway import TpagaClient
 from billing.sandbox.server import DEFAULT_PRIVATE_KEY, DEFAULT_PUBLIC_KEY, SandboxThread
-from billing.services import catalog, invoicing, refunds
+from billing.services import catalog, invoicing, refunds, voids
 from billing.services.charging import charge_invoice
 from billing.services.context import Context
 from billing.services.reconcile import expire_stuck_attempts, resolve_review
@@ -191,7 +191,7 @@ def test_a_late_approval_after_not_charged_is_recorded_on_its_attempt_flagged_an
     assert late.data["outcome"] == "approved" and late.data["settled_as"] == "not_sent"
 
     refund = refunds.request_refund(world.ctx, invoice_id=invoice_id, reason="customer asked")
-    assert refunds.execute_refund(world.ctx, refund.refund_id).state == "voided"
+    assert voids.execute_refund(world.ctx, refund.refund_id).state == "voided"
     assert unvoided_approvals(world, invoice_id) == []
 
 
@@ -211,7 +211,7 @@ def test_a_late_approval_after_the_retry_was_approved_is_a_duplicate_and_voided(
     assert (late.state, retry.state) == ("duplicate", "approved")
     assert late.tpaga_charge_id is not None
     [refund] = world.refunds_of(late.id)
-    assert refunds.execute_refund(world.ctx, refund.id).state == "voided"
+    assert voids.execute_refund(world.ctx, refund.id).state == "voided"
     assert world.events("charge.duplicate", attempt_id=late.id)
     # Tpaga's ledger: exactly one approval of the invoice stands.
     assert [c["orderId"] for c in unvoided_approvals(world, invoice_id)] == [f"inv{invoice_id}-a2"]

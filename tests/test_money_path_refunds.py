@@ -28,7 +28,8 @@ from billing.services.charging import charge_invoice
 from billing.services.context import Context
 from billing.services.errors import InvalidRequest
 from billing.services.reconcile import resolve_review
-from billing.services.refunds import due_refund_ids, execute_refund, expire_refunds, request_refund
+from billing.services.refunds import request_refund
+from billing.services.voids import due_refund_ids, execute_refund, expire_refunds
 from tasks.errors import TaskInputError
 
 APPROVING = "4111111111111111"

@@ -21,9 +21,10 @@ from billing.services.context import Context
 from billing.services.errors import InvalidRequest, NotFound
 from billing.services.pause import resume_billing
 from billing.services.reconcile import expire_stuck_attempts, resolve_review, review_queue
-from billing.services.refunds import execute_refund, request_refund
+from billing.services.refunds import request_refund
 from billing.services.subscriptions import cancel_subscription
 from billing.services.tick import run_tick
+from billing.services.voids import execute_refund
 from tests.fakes import FakeGateway
 
 START = datetime(2026, 1, 31, 15, 0, tzinfo=UTC)  # a month-end anchor: Jan 31 -> Feb 28 -> Mar 31

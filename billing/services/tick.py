@@ -9,7 +9,7 @@ from typing import Any
 from sqlalchemy import select, update
 
 from billing.db.models import OutboxMessage
-from billing.services import refunds
+from billing.services import voids
 from billing.services.charging import charge_invoice
 from billing.services.context import Context
 from billing.services.invoicing import open_due_invoices
@@ -59,11 +59,11 @@ def run_tick(ctx: Context, *, threads: int = 8) -> dict[str, Any]:
             report["charges"][key] = report["charges"].get(key, 0) + value
         if not done or set(done) <= {"paused"}:
             break
-    report["refunds_expired"] = refunds.expire_refunds(ctx)
+    report["refunds_expired"] = voids.expire_refunds(ctx)
     with ctx.sessions() as session:
-        refund_ids = refunds.due_refund_ids(session, ctx.clock.now())
+        refund_ids = voids.due_refund_ids(session, ctx.clock.now())
     for refund_id in refund_ids:
-        state = refunds.execute_refund(ctx, refund_id).state
+        state = voids.execute_refund(ctx, refund_id).state
         report["refunds"][state] = report["refunds"].get(state, 0) + 1
     mark_outbox_done(ctx)
     return report
