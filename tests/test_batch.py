@@ -533,10 +533,10 @@ def test_when_the_batch_transaction_fails_each_outcome_is_recorded_on_its_own(wo
     real = charging_outcomes.record_approvals
     poisoned = {ids[2]}
 
-    def record_approvals(ctx: Any, session: Any, now: Any, answers: list[Any]) -> Any:
+    def record_approvals(ctx: Any, session: Any, now: Any, answers: list[Any], invoices: Any) -> Any:
         if any(answer.invoice_id in poisoned for answer in answers):
             raise ValueError("a row this code cannot write")
-        return real(ctx, session, now, answers)
+        return real(ctx, session, now, answers, invoices)
 
     monkeypatch.setattr(charging_outcomes, "record_approvals", record_approvals)
     outcomes = charge_invoices(world.ctx, ids)

@@ -103,6 +103,21 @@ def transition_ids(
     return [i for i in ids if i in moved]
 
 
+def transition_locked(
+    session: Session, model: type[Any], current: Mapping[int, Any], to: StrEnum, *, now: datetime, **values: Any
+) -> list[int]:
+    """`transition` of rows this transaction has locked, whose states (`current`: id -> state) it read under the
+    lock: the check is made here, and the rows that may change are written with one statement."""
+    allowed = from_states(model, to)
+    moved = sorted(i for i, state in current.items() if state in allowed)
+    if moved:
+        bulk.update_ids(session, model, moved, **{MACHINES[model].column: to, **values})
+    refused = [i for i in current if i not in set(moved)]
+    if refused:
+        _refused(session, model, refused, to, now, current)
+    return moved
+
+
 def update_while(session: Session, model: type[Any], row_id: int, state: StrEnum, **values: Any) -> bool:
     """Write `values` (not the state) to a row only while it is in `state`; True when it was."""
     column = getattr(model, MACHINES[model].column)

@@ -90,6 +90,8 @@ class Context:
     not_sent_backoff: timedelta = timedelta(seconds=60)
     # After this long with every call not sent (the gateway unreachable), billing pauses with an ALERT.
     unreachable_pause_after: timedelta = timedelta(minutes=5)
+    # When this process last cleared a run of not-sent calls (monotonic seconds; see services.pause).
+    reached_noted_at: float = float("-inf")
     publisher: Publisher | None = None
 
     @contextmanager

@@ -9,6 +9,7 @@ invoice's second makes the attempt `duplicate`, and its charge is voided automat
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -56,22 +57,29 @@ class Answer:
         )
 
 
-def record_approvals(ctx: Context, session: Session, now: datetime, answers: list[Answer]) -> dict[int, Outcome]:
+def record_approvals(
+    ctx: Context, session: Session, now: datetime, answers: list[Answer], invoices: Mapping[int, Any]
+) -> dict[int, Outcome]:
     """Approved answers: the attempt is approved and its invoice paid, unless the invoice already has an
-    approved attempt, in which case this one is a duplicate and is voided. Returns the outcome of every
-    attempt that is not plainly approved."""
+    approved attempt, in which case this one is a duplicate and is voided. `invoices` are the answers'
+    invoices (state, subscription_id), locked by the caller: two answers for one invoice (a late one and its
+    retry's) are decided in turn. Returns the outcome of every attempt that is not plainly approved."""
     if not answers:
         return {}
-    dialect = bulk.dialect_of(session)
-    # Lock the invoices first: two answers for one invoice (a late one and its retry's) are decided in turn.
-    invoices = bulk.lock_rows(session, Invoice, [a.invoice_id for a in answers], "state", "subscription_id")
-    already = dict(
-        session.execute(
-            select(ChargeAttempt.invoice_id, ChargeAttempt.id).where(
-                bulk.id_in(ChargeAttempt.invoice_id, [a.invoice_id for a in answers], dialect),
-                ChargeAttempt.state == AttemptState.APPROVED,
-            )
-        ).all()
+    # Every approval pays its invoice in the same transaction (or voids itself): only an invoice that is no
+    # longer open can have an approved attempt already.
+    settled = [a.invoice_id for a in answers if invoices[a.invoice_id].state in _MAY_HAVE_APPROVAL]
+    already = (
+        dict(
+            session.execute(
+                select(ChargeAttempt.invoice_id, ChargeAttempt.id).where(
+                    bulk.id_in(ChargeAttempt.invoice_id, settled, bulk.dialect_of(session)),
+                    ChargeAttempt.state == AttemptState.APPROVED,
+                )
+            ).all()
+        )
+        if settled
+        else {}
     )
     first = [a for a in answers if already.get(a.invoice_id, a.attempt_id) == a.attempt_id]
     second = [a for a in answers if a not in first]
@@ -110,9 +118,12 @@ def record_approvals(ctx: Context, session: Session, now: datetime, answers: lis
             )
             _void_unwanted(ctx, session, now, answer, "automatic void of a duplicate approval")
             result[answer.attempt_id] = Outcome.DUPLICATE
-    mark_invoices_paid(session, now, paid)
+    mark_invoices_paid(session, now, paid, invoices)
     events.record_many(session, event_rows)
     return result
+
+
+_MAY_HAVE_APPROVAL = frozenset({InvoiceState.PAID, InvoiceState.VOID})
 
 
 def _attempt_row(answer: Answer, now: datetime) -> dict[str, Any]:
@@ -160,15 +171,17 @@ def _void_unwanted(ctx: Context, session: Session, now: datetime, answer: Answer
         )
 
 
-def mark_invoices_paid(session: Session, now: datetime, paid: list[tuple[int, int]]) -> None:
-    """Invoices (with their approved attempts) become paid; a subscription with nothing else outstanding is
-    active again."""
+def mark_invoices_paid(
+    session: Session, now: datetime, paid: list[tuple[int, int]], invoices: Mapping[int, Any]
+) -> None:
+    """Invoices (with their approved attempts; `invoices` locked by the caller) become paid; a subscription with
+    nothing else outstanding is active again."""
     if not paid:
         return
-    moved = cas.transition_ids(
+    moved = cas.transition_locked(
         session,
         Invoice,
-        [invoice_id for invoice_id, _ in paid],
+        {i: invoices[i].state for i, _ in paid},
         InvoiceState.PAID,
         now=now,
         paid_at=now,
@@ -176,21 +189,16 @@ def mark_invoices_paid(session: Session, now: datetime, paid: list[tuple[int, in
         review_reason=None,
         updated_at=now,
     )
-    subscriptions = dict(
-        session.execute(
-            select(Invoice.id, Invoice.subscription_id).where(
-                bulk.id_in(Invoice.id, [i for i, _ in paid], bulk.dialect_of(session))
-            )
-        ).all()
-    )
     events.record_many(
         session,
         [
-            events.row(now, "charge.approved", subscription_id=subscriptions[inv], invoice_id=inv, attempt_id=att)
+            events.row(
+                now, "charge.approved", subscription_id=invoices[inv].subscription_id, invoice_id=inv, attempt_id=att
+            )
             for inv, att in paid
         ],
     )
-    settle_subscriptions(session, now, sorted({subscriptions[i] for i in moved}))
+    settle_subscriptions(session, now, sorted({invoices[i].subscription_id for i in moved}))
 
 
 def record_declines(ctx: Context, session: Session, now: datetime, answers: list[Answer]) -> dict[int, Outcome]:

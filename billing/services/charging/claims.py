@@ -237,16 +237,18 @@ def mark_sending(ctx: Context, claims: Sequence[Claim]) -> tuple[list[Claim], li
     now = ctx.clock.now()
     refused: dict[int, Outcome] = {}
     with ctx.unit_of_work() as session:
-        invoices = bulk.lock_rows(session, Invoice, [c.invoice_id for c in claims], "state", "subscription_id")
-        subscription_ids = sorted({i.subscription_id for i in invoices.values()})
-        canceled = set(
-            session.execute(
-                select(Subscription.id).where(
-                    bulk.id_in(Subscription.id, subscription_ids, bulk.dialect_of(session)),
-                    Subscription.status == SubscriptionStatus.CANCELED,
-                )
-            ).scalars()
-        )
+        t_inv, t_sub = Invoice.__table__, Subscription.__table__
+        invoices = {
+            row.id: row
+            for row in session.execute(
+                select(t_inv.c.id, t_inv.c.state, t_inv.c.subscription_id, t_sub.c.status)
+                .join(t_sub, t_sub.c.id == t_inv.c.subscription_id)
+                .where(bulk.id_in(t_inv.c.id, sorted({c.invoice_id for c in claims}), bulk.dialect_of(session)))
+                .order_by(t_inv.c.id)
+                .with_for_update(of=t_inv)
+            )
+        }
+        canceled = {i.subscription_id for i in invoices.values() if i.status == SubscriptionStatus.CANCELED}
         for claim in claims:
             invoice = invoices.get(claim.invoice_id)
             if invoice is not None and invoice.state == InvoiceState.OPEN and invoice.subscription_id not in canceled:

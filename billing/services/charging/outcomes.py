@@ -95,7 +95,7 @@ def record_in(ctx: Context, session: Session, now: datetime, sent: Sequence[Call
     """Apply the outcomes of the given calls in the caller's transaction; returns them in the same order."""
     # Invoices before attempts, in id order, in every transaction that writes both: no deadlock with
     # mark_sending, cancel_subscription or reconciliation.
-    bulk.lock_rows(session, Invoice, [item.claim.invoice_id for item in sent], "state")
+    invoices = bulk.lock_rows(session, Invoice, [item.claim.invoice_id for item in sent], "state", "subscription_id")
     approved: list[Answer] = []
     declined: list[Answer] = []
     outcomes: dict[int, ChargeOutcome] = {}
@@ -109,7 +109,7 @@ def record_in(ctx: Context, session: Session, now: datetime, sent: Sequence[Call
     # Declines first: a merchant-class decline records its pause (with its errorCode) before the calls the
     # batch held back because of it record theirs.
     decided = record_declines(ctx, session, now, declined)
-    decided.update(record_approvals(ctx, session, now, approved))
+    decided.update(record_approvals(ctx, session, now, approved, invoices))
     for answer in [*declined, *approved]:
         kind = Outcome.DECLINED if answer.decline_class != DeclineClass.APPROVED else Outcome.APPROVED
         outcomes[answer.attempt_id] = ChargeOutcome(
@@ -133,7 +133,7 @@ def record_in(ctx: Context, session: Session, now: datetime, sent: Sequence[Call
         else:  # OutcomeUnknownError and anything unexpected: may have charged
             outcomes[claim.attempt_id] = _record_unknown(session, now, claim, exc or ValueError("no answer"))
     if approved or declined:
-        note_reached(session)
+        note_reached(ctx, session)
     elif not_sent:
         note_not_sent(session, now, ctx.unreachable_pause_after)
     return [outcomes[item.claim.attempt_id] for item in sent]
@@ -308,14 +308,14 @@ def settle_from_charge(ctx: Context, invoice_id: int, attempt_id: int, charge: C
     elif answer.decline_class == DeclineClass.UNKNOWN:
         return "still_unknown"
     with ctx.unit_of_work() as session:
-        bulk.lock_rows(session, Invoice, [invoice_id], "state")  # invoices before attempts (see record_in)
+        invoices = bulk.lock_rows(session, Invoice, [invoice_id], "state", "subscription_id")  # (see record_in)
         current = session.execute(
             select(ChargeAttempt.state).where(ChargeAttempt.id == attempt_id)
         ).scalar_one_or_none()
         if current != AttemptState.UNKNOWN:
             return "still_unknown"
         if answer.decline_class == DeclineClass.APPROVED:
-            decided = record_approvals(ctx, session, now, [answer])
+            decided = record_approvals(ctx, session, now, [answer], invoices)
             if voided and attempt_id not in decided:
                 refunds.record_voided_at_gateway(session, now, attempt_id, invoice_id)
             outcome = "voided" if voided else str(decided.get(attempt_id, Outcome.APPROVED))
