@@ -82,7 +82,8 @@ def record_approvals(
         else {}
     )
     first = [a for a in answers if already.get(a.invoice_id, a.attempt_id) == a.attempt_id]
-    second = [a for a in answers if a not in first]
+    firsts = {a.attempt_id for a in first}
+    second = [a for a in answers if a.attempt_id not in firsts]
     result: dict[int, Outcome] = {}
     moved = cas.transition_rows(
         session, ChargeAttempt, [_attempt_row(a, now) for a in first], AttemptState.APPROVED, now=now
