@@ -14,6 +14,8 @@ import os
 import random
 import re
 import signal
+import subprocess
+import sys
 import time
 import uuid
 from collections import Counter
@@ -168,6 +170,24 @@ class World:
         proc.start()
         self.procs.append(proc)
         return proc
+
+    def cli(self, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+        """Run the installed `billing` command as an operator would, with the workers' environment; its output
+        goes to a log of its own too, so the secret scan at the end sees what the operator saw."""
+        command = Path(sys.executable).with_name("billing")
+        assert command.exists(), f"{command} is missing: install the project (pip install -e .)"
+        done = subprocess.run(
+            [str(command), *args],
+            env=self.env(**env),
+            cwd=self.tmp,  # never a checkout's .env
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        with self._log_path("cli").open("w") as log:
+            log.write(f"$ billing {' '.join(args)}\n{done.stdout}{done.stderr}exit {done.returncode}\n")
+        return done
 
     def kill(self, proc: CeleryProcess) -> set[int]:
         """SIGKILL the process group (no warm shutdown, nothing acknowledged); returns the attempts that were
