@@ -102,7 +102,7 @@ class GatewayPool:
         return asyncio.run_coroutine_threadsafe(every(), self._running_loop()).result()
 
     def as_answered(
-        self, fn: Callable[[T], Awaitable[R]], items: Sequence[T], linger_seconds: float = 0.25
+        self, fn: Callable[[T], Awaitable[R]], items: Sequence[T], linger_seconds: float = 0.02
     ) -> Iterator[list[R]]:
         """`run`, yielding the results in groups as they arrive instead of all at the end: after the first
         answer of a group, whatever else arrives within `linger_seconds` joins it (answers that come together
