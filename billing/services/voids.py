@@ -206,45 +206,41 @@ def expire_refunds(ctx: Context) -> int:
     become unknown, due for another try at once. Returns how many expired."""
     now = ctx.clock.now()
     with ctx.unit_of_work() as session:
-        late = list(
-            session.execute(
-                select(Refund.id, Refund.invoice_id).where(
-                    Refund.state == RefundState.REQUESTED, Refund.deadline_at <= now
-                )
-            ).all()
-        )
-        expired = cas.transition_ids(
+        expired = _move(
             session,
-            Refund,
-            [r.id for r in late],
+            now,
+            (Refund.state == RefundState.REQUESTED, Refund.deadline_at <= now),
             RefundState.EXPIRED,
-            now=now,
+            "refund.expired",
+            {},
             finished_at=now,
             error="void window passed; Tpaga not called",
         )
-        invoices = {r.id: r.invoice_id for r in late}
-        rows = [events.row(now, "refund.expired", refund_id=i, invoice_id=invoices[i]) for i in expired]
-        lost = list(
-            session.execute(
-                select(Refund.id, Refund.invoice_id).where(
-                    Refund.state == RefundState.SENDING, Refund.lease_expires_at <= now
-                )
-            ).all()
-        )
-        unknown = cas.transition_ids(
+        lost = _move(
             session,
-            Refund,
-            [r.id for r in lost],
+            now,
+            (Refund.state == RefundState.SENDING, Refund.lease_expires_at <= now),
             RefundState.UNKNOWN,
-            now=now,
+            "refund.unknown",
+            {"reason": "worker lost"},
             finished_at=now,
             lease_expires_at=now,
             error="worker lost while voiding",
         )
-        invoices = {r.id: r.invoice_id for r in lost}
-        rows += [
-            events.row(now, "refund.unknown", refund_id=i, invoice_id=invoices[i], reason="worker lost")
-            for i in unknown
-        ]
-        events.record_many(session, rows)
+        events.record_many(session, expired + lost)
     return len(expired)
+
+
+def _move(
+    session: Session,
+    now: datetime,
+    where: tuple[Any, ...],
+    to: RefundState,
+    kind: str,
+    data: dict[str, Any],
+    **values: Any,
+) -> list[dict[str, Any]]:
+    """Move the refunds matching `where` to `to` (checked transitions); the events of those that moved."""
+    found = dict(session.execute(select(Refund.id, Refund.invoice_id).where(*where)).all())
+    moved = cas.transition_ids(session, Refund, list(found), to, now=now, **values)
+    return [events.row(now, kind, refund_id=i, invoice_id=found[i], **data) for i in moved]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from datetime import datetime
 from typing import Any, TypeVar
 
@@ -142,7 +143,7 @@ def record_in(ctx: Context, session: Session, now: datetime, sent: Sequence[Call
 def _answered_now(answer: Answer, now: datetime) -> Answer:
     """The call's own answer: approved now (Tpaga's clock may differ from ours; the safety margin covers the
     latency between its approval and our recording)."""
-    return Answer(**{**answer.__dict__, "approved_at": now})
+    return replace(answer, approved_at=now)
 
 
 def _decline_answer(claim: Claim, exc: gw.DeclinedError) -> Answer:
@@ -304,7 +305,7 @@ def settle_from_charge(ctx: Context, invoice_id: int, attempt_id: int, charge: C
     answer = Answer.of_charge(invoice_id, attempt_id, charge, http_status=None)
     voided = charge.voided or (not charge.paid and charge.error_code == "00")
     if voided:
-        answer = Answer(**{**answer.__dict__, "decline_class": DeclineClass.APPROVED})
+        answer = replace(answer, decline_class=DeclineClass.APPROVED)
     elif answer.decline_class == DeclineClass.UNKNOWN:
         return "still_unknown"
     with ctx.unit_of_work() as session:
