@@ -150,6 +150,14 @@ class Customer(Base):
     first_name: Mapped[str | None] = mapped_column(String(128))
     last_name: Mapped[str | None] = mapped_column(String(128))
     created_at: Mapped[Timestamp]
+    # Columns of migration 0004 follow, in its order (the migration test compares column order).
+    phone: Mapped[str | None] = mapped_column(String(32))
+    updated_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # The newest `issued_at` of a command applied to this customer: an older one is stale.
+    last_issued_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # While tpaga_customer_id is null the customer is pending at Tpaga: the worker whose lease this is calls
+    # Tpaga; a duplicate command waits for it instead of creating a second Tpaga customer.
+    tpaga_lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
 
 class Card(Base):
@@ -190,6 +198,7 @@ class Plan(Base):
     interval_count: Mapped[int] = mapped_column(default=1)
     trial_days: Mapped[int] = mapped_column(default=0)
     created_at: Mapped[Timestamp]
+    last_issued_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
 
 class Subscription(Base):
@@ -199,6 +208,10 @@ class Subscription(Base):
         # Beat's scan: only subscriptions that will renew carry next_billing_at.
         partial_index("ix_subscriptions_due", "next_billing_at", where="next_billing_at IS NOT NULL"),
         Index("ix_subscriptions_customer", "customer_id"),
+        # The resume scan: paused subscriptions with a date to resume on.
+        partial_index("ix_subscriptions_resumes", "resumes_at", where="resumes_at IS NOT NULL"),
+        # A unique index rather than a constraint: SQLite adds one to an existing table without a rebuild.
+        Index("uq_subscriptions_external_id", "external_id", unique=True),
     )
     id: Mapped[BigId]
     customer_id: Mapped[int] = _fk("customers.id")
@@ -215,6 +228,15 @@ class Subscription(Base):
     canceled_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     created_at: Mapped[Timestamp]
     updated_at: Mapped[Timestamp]
+    # Columns of migration 0004 follow, in its order.
+    # The sending app's own id (billing.create_subscription); null for subscriptions made by the CLI without one.
+    external_id: Mapped[str | None] = mapped_column(String(64))
+    # Paused: no invoice is opened (next_billing_at is null) and open invoices wait (due_at null).
+    paused_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    resumes_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # A hash of the creating command's terms: the same external_id with other terms is refused.
+    terms_hash: Mapped[str | None] = mapped_column(String(64))
+    last_issued_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
 
 class Invoice(Base):
@@ -324,6 +346,54 @@ class Refund(Base):
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
 
+class CardToken(Base):
+    """One row per temporary card token ever given to billing.attach_card, keyed by the token's SHA-256 (never
+    the token): written `pending` before Tpaga is called, so a duplicate delivery returns the first result
+    instead of spending the single-use token twice."""
+
+    __tablename__ = "card_tokens"
+    __table_args__ = (CheckConstraint("state in ('pending', 'attached', 'refused', 'unknown')", name="state"),)
+    token_sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    customer_id: Mapped[int] = _fk("customers.id")
+    state: Mapped[str] = mapped_column(String(16))
+    card_id: Mapped[int | None] = _fk("cards.id")
+    error: Mapped[str | None] = mapped_column(String(255))
+    issued_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    created_at: Mapped[Timestamp]
+    updated_at: Mapped[Timestamp]
+
+
+class Command(Base):
+    """Every outcome of a command from another app (billing.upsert_customer, ...): applied, rejected or stale,
+    with its request_id (unique when given) and a hash of its parameters, written in the transaction of the
+    change it made, so that a repeat returns the first outcome."""
+
+    __tablename__ = "commands"
+    __table_args__ = (
+        CheckConstraint("status in ('applied', 'rejected', 'stale')", name="status"),
+        Index("ix_commands_recorded", "recorded_at"),
+    )
+    id: Mapped[BigId]
+    request_id: Mapped[str | None] = mapped_column(String(128), unique=True)
+    name: Mapped[str] = mapped_column(String(64))
+    params_sha256: Mapped[str] = mapped_column(String(64))
+    status: Mapped[str] = mapped_column(String(16))
+    result: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    error: Mapped[str | None] = mapped_column(Text)
+    issued_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    recorded_at: Mapped[Timestamp]
+
+
+class CommandWait(Base):
+    """When a command that names an object not there yet was first seen (by its Celery task id, which its
+    retries keep), so that it is retried for a bounded time from then and not from each retry."""
+
+    __tablename__ = "command_waits"
+    task_id: Mapped[str] = mapped_column(String(155), primary_key=True)
+    first_seen_at: Mapped[Timestamp]
+
+
 class OutboxMessage(Base):
     """A task intent written in the same transaction as the state change it follows from."""
 
@@ -358,7 +428,10 @@ class Event(Base):
 __all__ = [
     "Base",
     "Card",
+    "CardToken",
     "ChargeAttempt",
+    "Command",
+    "CommandWait",
     "Control",
     "Customer",
     "Event",
