@@ -16,6 +16,12 @@ CHARGE_INVOICE: Final = "billing.charge_invoice"
 REQUEST_REFUND: Final = "billing.request_refund"
 ATTACH_CARD: Final = "billing.attach_card"
 CANCEL_SUBSCRIPTION: Final = "billing.cancel_subscription"
+# Commands by the sender's own ids (docs/tasks.md).
+UPSERT_PLAN: Final = "billing.upsert_plan"
+UPSERT_CUSTOMER: Final = "billing.upsert_customer"
+CREATE_SUBSCRIPTION: Final = "billing.create_subscription"
+PAUSE_SUBSCRIPTION: Final = "billing.pause_subscription"
+RESUME_SUBSCRIPTION: Final = "billing.resume_subscription"
 
 # Internal: sent by this system (outbox intents, the sweep, beat), stable all the same (messages outlive deploys).
 CHARGE_INVOICES: Final = "billing.charge_invoices"  # a batch: what invoice opening and the sweep send
@@ -28,7 +34,26 @@ RUN_REFUNDS: Final = "billing.run_refunds"
 RECONCILE: Final = "billing.reconcile"
 RELAY_OUTBOX: Final = "billing.relay_outbox"
 
-PUBLIC_TASKS: Final = (CHARGE_INVOICE, REQUEST_REFUND, ATTACH_CARD, CANCEL_SUBSCRIPTION)
+COMMANDS: Final = (
+    UPSERT_PLAN,
+    UPSERT_CUSTOMER,
+    ATTACH_CARD,
+    CREATE_SUBSCRIPTION,
+    CANCEL_SUBSCRIPTION,
+    PAUSE_SUBSCRIPTION,
+    RESUME_SUBSCRIPTION,
+)
+PUBLIC_TASKS: Final = (
+    CHARGE_INVOICE,
+    REQUEST_REFUND,
+    ATTACH_CARD,
+    CANCEL_SUBSCRIPTION,
+    UPSERT_PLAN,
+    UPSERT_CUSTOMER,
+    CREATE_SUBSCRIPTION,
+    PAUSE_SUBSCRIPTION,
+    RESUME_SUBSCRIPTION,
+)
 INTERNAL_TASKS: Final = (CHARGE_INVOICES, EXECUTE_REFUND)
 PERIODIC_TASKS: Final = (OPEN_DUE_INVOICES, ENQUEUE_DUE_INVOICES, RUN_REFUNDS, RECONCILE, RELAY_OUTBOX)
 ALL_TASKS: Final = (*PUBLIC_TASKS, *INTERNAL_TASKS, *PERIODIC_TASKS)

@@ -6,7 +6,7 @@ Task names (stable; other apps send them by name with JSON keyword arguments) ar
 `tasks.client` has helpers for senders, `docs/operations.md` the operator's guide.
 """
 
-from tasks import periodic, public  # noqa: F401  (registers the tasks)
+from tasks import commands, periodic, public  # noqa: F401  (registers the tasks)
 from tasks.app import app, configure_process, runtime
 
 __all__ = ["app", "configure_process", "runtime"]

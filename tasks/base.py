@@ -22,9 +22,10 @@ from celery.worker.request import Request
 from sqlalchemy.exc import DisconnectionError, OperationalError, SQLAlchemyError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
-from billing.services.errors import InvalidRequest, NotFound
-from tasks.config import MAX_CHARGE_BATCH, SECRET_KWARGS
-from tasks.errors import DatabaseError, TaskInputError, TransientError
+from billing.services import ledger
+from billing.services.errors import AnswerLost, InvalidRequest, NotFound, Waiting
+from tasks.config import COMMANDS, MAX_CHARGE_BATCH, SECRET_KWARGS
+from tasks.errors import DatabaseError, GatewayError, TaskInputError, TransientError
 from tasks.masking import masked_reprs
 
 log = logging.getLogger("billing.tasks")
@@ -179,8 +180,18 @@ class BillingTask(Task):  # type: ignore[misc]
         clean = self.validate(args, kwargs)
         transient: Exception | None = None
         failure: Exception | None = None
+        waiting: Waiting | None = None
         try:
-            return self.run(**clean)
+            result = self.run(**clean)
+            if getattr(self.request, "retries", 0) and self.name in COMMANDS:
+                from tasks.app import runtime
+
+                ledger.stop_waiting(runtime.context(), str(self.request.id))
+            return result
+        except Waiting as exc:
+            waiting = exc
+        except AnswerLost as exc:
+            failure = GatewayError(f"{self.name}: {exc}")
         except TaskInputError as exc:
             failure = TaskInputError(str(exc))
         except (NotFound, InvalidRequest) as exc:
@@ -194,8 +205,34 @@ class BillingTask(Task):  # type: ignore[misc]
         # Raised outside the except blocks: no chained original (SQL parameters, tokens) in any traceback.
         if failure is not None:
             raise failure
+        if waiting is not None:
+            raise self.wait_for(waiting)
         assert transient is not None
         raise self.retry_soon(transient)
+
+    def wait_for(self, waiting: Waiting) -> Exception:
+        """The command names an object not there yet: retry it (the usual backoff, no retry limit) until it has
+        waited BILLING_COMMAND_WAIT_SECONDS since its first delivery, then refuse it for good, recorded."""
+        from tasks.app import runtime  # the app module imports this one
+
+        ctx = runtime.context()
+        task_id = str(self.request.id or "")
+        window = runtime.task_settings.command_wait_seconds
+        waited = (ctx.clock.now() - ledger.waiting_since(ctx, task_id)).total_seconds() if task_id else window
+        if waited >= window:
+            reason = f"{waiting} after waiting {int(waited)} s (BILLING_COMMAND_WAIT_SECONDS={window}); refused"
+            if waiting.give_up is not None:
+                waiting.give_up(reason)
+            if task_id:
+                ledger.stop_waiting(ctx, task_id)
+            return TaskInputError(f"{self.name}: {reason}")
+        retries = int(getattr(self.request, "retries", 0) or 0)
+        step = min(float(self.retry_backoff_max_seconds), RETRY_BASE_SECONDS * 2.0**retries, window - waited + 1)
+        countdown = step / 2 + random.random() * step / 2
+        log.info("%s[%s]: %s; waiting, retry in %.1fs", self.name, self.request.id, waiting, countdown)
+        return typing.cast(
+            Exception, self.retry(exc=TransientError(str(waiting)), countdown=countdown, max_retries=None)
+        )
 
     def retry_soon(self, exc: Exception) -> Exception:
         """Retry with a jittered exponential countdown capped at 60 s (far below the visibility timeout)."""

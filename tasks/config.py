@@ -42,6 +42,12 @@ REQUEST_REFUND = task_names.REQUEST_REFUND
 ATTACH_CARD = task_names.ATTACH_CARD
 CANCEL_SUBSCRIPTION = task_names.CANCEL_SUBSCRIPTION
 EXECUTE_REFUND = task_names.EXECUTE_REFUND
+UPSERT_PLAN = task_names.UPSERT_PLAN
+UPSERT_CUSTOMER = task_names.UPSERT_CUSTOMER
+CREATE_SUBSCRIPTION = task_names.CREATE_SUBSCRIPTION
+PAUSE_SUBSCRIPTION = task_names.PAUSE_SUBSCRIPTION
+RESUME_SUBSCRIPTION = task_names.RESUME_SUBSCRIPTION
+COMMANDS = task_names.COMMANDS
 OPEN_DUE_INVOICES = task_names.OPEN_DUE_INVOICES
 ENQUEUE_DUE_INVOICES = task_names.ENQUEUE_DUE_INVOICES
 RUN_REFUNDS = task_names.RUN_REFUNDS
@@ -58,8 +64,38 @@ KWARGS: dict[str, tuple[str, ...]] = {
     CHARGE_INVOICE: ("invoice_id",),
     CHARGE_INVOICES: ("invoice_ids",),
     REQUEST_REFUND: ("reason", "invoice_id", "charge_id"),
-    ATTACH_CARD: ("customer_id", "token"),
-    CANCEL_SUBSCRIPTION: ("subscription_id", "at_period_end", "refund_last_charge"),
+    ATTACH_CARD: ("token", "customer_id", "external_customer_id", "request_id", "issued_at"),
+    CANCEL_SUBSCRIPTION: (
+        "subscription_id",
+        "external_subscription_id",
+        "at_period_end",
+        "refund_last_charge",
+        "request_id",
+        "issued_at",
+    ),
+    UPSERT_PLAN: (
+        "code",
+        "amount",
+        "currency",
+        "interval",
+        "interval_count",
+        "trial_days",
+        "name",
+        "request_id",
+        "issued_at",
+    ),
+    UPSERT_CUSTOMER: ("external_id", "email", "first_name", "last_name", "phone", "request_id", "issued_at"),
+    CREATE_SUBSCRIPTION: (
+        "external_id",
+        "external_customer_id",
+        "plan_code",
+        "trial_days",
+        "anchor_at",
+        "request_id",
+        "issued_at",
+    ),
+    PAUSE_SUBSCRIPTION: ("external_subscription_id", "resumes_at", "request_id", "issued_at"),
+    RESUME_SUBSCRIPTION: ("external_subscription_id", "request_id", "issued_at"),
     EXECUTE_REFUND: ("refund_id",),
     **{name: () for name in PERIODIC_TASKS},
 }
@@ -72,8 +108,7 @@ ROUTES: dict[str, str] = {
     CHARGE_INVOICES: CHARGES,
     REQUEST_REFUND: REFUNDS,
     EXECUTE_REFUND: REFUNDS,
-    ATTACH_CARD: DEFAULT,
-    CANCEL_SUBSCRIPTION: DEFAULT,
+    **{name: DEFAULT for name in COMMANDS},
     **{name: SCHEDULER for name in PERIODIC_TASKS},
 }
 
@@ -118,6 +153,8 @@ class TaskSettings:
     visibility_timeout_seconds: int = 1800
     retry_backoff_max_seconds: int = 60
     max_retries: int = 8
+    # A command naming an object not there yet (it overtook the command creating it) is retried this long.
+    command_wait_seconds: int = 900
     # A due invoice is re-enqueued by the sweep only after it waited this long (its own message is late).
     sweep_grace_seconds: int = 60
     sweep_limit: int = 1000
@@ -152,6 +189,7 @@ class TaskSettings:
             soft_time_limit_seconds=_int(env, "BILLING_TASK_SOFT_TIME_LIMIT", 120, 1),
             time_limit_seconds=_int(env, "BILLING_TASK_TIME_LIMIT", 150, 1),
             visibility_timeout_seconds=_int(env, "BILLING_VISIBILITY_TIMEOUT", 1800, 1),
+            command_wait_seconds=_int(env, "BILLING_COMMAND_WAIT_SECONDS", 900, 0),
             sweep_grace_seconds=_int(env, "BILLING_SWEEP_GRACE_SECONDS", 60, 0),
             sweep_limit=_int(env, "BILLING_SWEEP_LIMIT", 1000, 1),
             outbox_min_age_seconds=_int(env, "BILLING_OUTBOX_MIN_AGE_SECONDS", 5, 0),

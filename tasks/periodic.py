@@ -13,7 +13,7 @@ from celery import Task
 from kombu.exceptions import ChannelError
 
 from billing.db import control
-from billing.services import invoicing, pause, reconcile, voids
+from billing.services import commands, invoicing, pause, reconcile, voids
 from billing.services.context import Context
 from billing.services.outbox import relay_outbox as relay_outbox_service
 from tasks import config as names
@@ -69,8 +69,10 @@ def queue_depth(queue: str) -> int | None:
 
 @_periodic(names.OPEN_DUE_INVOICES)
 def open_due_invoices(ctx: Context) -> dict[str, Any]:
-    """Open the invoices of every due subscription period (catching up after downtime); their charges are
-    published after each commit through the outbox."""
+    """Resume the paused subscriptions whose resume date has come, then open the invoices of every due
+    subscription period (catching up after downtime); their charges are published after each commit through the
+    outbox."""
+    resumed = commands.resume_due(ctx)
     opened, passes = 0, 0
     deadline = time.monotonic() + _time_budget_seconds()
     while True:
@@ -79,7 +81,7 @@ def open_due_invoices(ctx: Context) -> dict[str, Any]:
         passes += 1
         if count == 0 or time.monotonic() > deadline:
             break
-    return {"opened": opened, "passes": passes}
+    return {"opened": opened, "passes": passes, "resumed": resumed}
 
 
 @_periodic(names.ENQUEUE_DUE_INVOICES)

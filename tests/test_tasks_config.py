@@ -34,6 +34,11 @@ def test_every_task_is_registered_under_its_stable_name() -> None:
         "billing.request_refund",
         "billing.attach_card",
         "billing.cancel_subscription",
+        "billing.upsert_plan",
+        "billing.upsert_customer",
+        "billing.create_subscription",
+        "billing.pause_subscription",
+        "billing.resume_subscription",
     }
 
 

@@ -34,20 +34,7 @@ def create_plan(
     trial_days: int = 0,
 ) -> int:
     """Create a plan; amounts are exact minor units. COP plans must be whole pesos (Tpaga charges whole COP)."""
-    if not isinstance(code, str) or not PLAN_CODE.match(code):
-        raise InvalidRequest("plan code must be 1-64 characters of letters, digits, '_', '.', '-'")
-    try:
-        Interval(interval)
-    except ValueError:
-        raise InvalidRequest(f"interval must be one of day, week, month, year; got {interval!r}") from None
-    if isinstance(interval_count, bool) or not isinstance(interval_count, int) or not 1 <= interval_count <= 120:
-        raise InvalidRequest("interval_count must be a whole number from 1 to 120")
-    if isinstance(trial_days, bool) or not isinstance(trial_days, int) or not 0 <= trial_days <= 730:
-        raise InvalidRequest("trial_days must be a whole number from 0 to 730")
-    if amount.amount_minor <= 0:
-        raise InvalidRequest("plan amount must be positive")
-    if amount.currency == "COP" and amount.amount_minor % 100:
-        raise InvalidRequest("COP amounts must be whole pesos")
+    check_plan_terms(code, amount, interval, interval_count, trial_days)
     now = ctx.clock.now()
     with ctx.unit_of_work() as session:
         if session.execute(select(Plan.id).where(Plan.code == code)).first():
@@ -65,6 +52,24 @@ def create_plan(
         session.add(plan)
         session.flush()
         return plan.id
+
+
+def check_plan_terms(code: object, amount: Money, interval: object, interval_count: object, trial_days: object) -> None:
+    """Raise InvalidRequest naming the first term of a plan that is not allowed."""
+    if not isinstance(code, str) or not PLAN_CODE.match(code):
+        raise InvalidRequest("plan code must be 1-64 characters of letters, digits, '_', '.', '-'")
+    try:
+        Interval(str(interval))
+    except ValueError:
+        raise InvalidRequest(f"interval must be one of day, week, month, year; got {interval!r}") from None
+    if isinstance(interval_count, bool) or not isinstance(interval_count, int) or not 1 <= interval_count <= 120:
+        raise InvalidRequest("interval_count must be a whole number from 1 to 120")
+    if isinstance(trial_days, bool) or not isinstance(trial_days, int) or not 0 <= trial_days <= 730:
+        raise InvalidRequest("trial_days must be a whole number from 0 to 730")
+    if amount.amount_minor <= 0:
+        raise InvalidRequest("plan amount must be positive")
+    if amount.currency == "COP" and amount.amount_minor % 100:
+        raise InvalidRequest(f"COP amounts must be whole pesos, got {amount.major} COP")
 
 
 def money_from_input(amount: str, currency: str) -> Money:
@@ -110,41 +115,14 @@ def create_customer(
 
 
 def attach_card(ctx: Context, *, customer_id: int, token: str) -> int:
-    """Associate a card from a temporary token; a usable card retries the customer's waiting invoices now."""
-    if not isinstance(token, str) or not token.strip():
-        raise InvalidRequest("token must be a non-empty string")
-    with ctx.sessions() as session:
-        customer = session.get(Customer, customer_id)
-        if customer is None:
-            raise NotFound(f"customer {customer_id} does not exist")
-        if not customer.tpaga_customer_id:
-            raise InvalidRequest(f"customer {customer_id} has no Tpaga customer id")
-        tpaga_customer_id = customer.tpaga_customer_id
-    remote = ctx.gateway.associate_card(tpaga_customer_id, token)
-    now = ctx.clock.now()
-    usable = remote.validation_successful is not False
-    with ctx.unit_of_work() as session:
-        card = Card(
-            customer_id=customer_id,
-            tpaga_card_id=remote.id,
-            brand=remote.brand,
-            last_four=remote.last_four,
-            exp_month=remote.expiration_month,
-            exp_year=remote.expiration_year,
-            status=CardStatus.USABLE if usable else CardStatus.UNUSABLE,
-            unusable_code=None if usable else remote.validation_error_code,
-            created_at=now,
-        )
-        session.add(card)
-        session.flush()
-        events.record(session, now, "card.attached", card_id=card.id, usable=usable)
-        if usable:
-            _retry_waiting_invoices(session, ctx, customer_id, card.id)
-        return card.id
+    """Associate a card from a temporary token (see `commands.attach_card`); returns the card's id."""
+    from billing.services import commands  # commands builds on this module
+
+    return int(commands.attach_card_result(ctx, customer_id=customer_id, token=token)["card_id"])
 
 
-def _retry_waiting_invoices(session: Session, ctx: Context, customer_id: int, card_id: int) -> None:
-    """Point live subscriptions at the new card and charge their open invoices at once."""
+def retry_waiting_invoices(session: Session, ctx: Context, customer_id: int, card_id: int) -> None:
+    """Point live subscriptions at the new card and charge their open invoices at once (not while paused)."""
     now = ctx.clock.now()
     live = (SubscriptionStatus.TRIALING, SubscriptionStatus.ACTIVE, SubscriptionStatus.PAST_DUE)
     subs = session.execute(
@@ -153,6 +131,8 @@ def _retry_waiting_invoices(session: Session, ctx: Context, customer_id: int, ca
     for sub in subs:
         sub.card_id = card_id
         sub.updated_at = now
+        if sub.paused_at is not None:
+            continue
         invoices = session.execute(
             select(Invoice.id).where(Invoice.subscription_id == sub.id, Invoice.state == InvoiceState.OPEN)
         ).scalars()
@@ -172,9 +152,10 @@ def subscribe(
     card_id: int | None = None,
     anchor_at: datetime | None = None,
     trial_days: int | None = None,
+    external_id: str | None = None,
 ) -> int:
-    """Start a subscription; the first period starts at the anchor (the trial's end when there is a trial)."""
-    now = ctx.clock.now()
+    """Start a subscription with a usable card; the first period starts at the anchor (the trial's end when
+    there is a trial)."""
     with ctx.unit_of_work() as session:
         customer = session.get(Customer, customer_id)
         if customer is None:
@@ -193,31 +174,66 @@ def subscribe(
                 raise NotFound(f"card {card_id} does not belong to customer {customer_id}")
             if card.status != CardStatus.USABLE:
                 raise InvalidRequest(f"card {card_id} is not usable")
-        days = plan.trial_days if trial_days is None else trial_days
-        if isinstance(days, bool) or not isinstance(days, int) or not 0 <= days <= 730:
-            raise InvalidRequest("trial_days must be a whole number from 0 to 730")
-        trial_end_at = trial_end(now, days, ctx.timezone) if days else None
-        if anchor_at is not None:
-            if anchor_at.tzinfo is None:
-                raise InvalidRequest("anchor_at must carry a time zone")
-            if anchor_at < now - _GRACE:
-                raise InvalidRequest("anchor_at must not be in the past")
-            anchor = anchor_at
-        else:
-            anchor = trial_end_at or now
-        sub = Subscription(
+        if (
+            external_id is not None
+            and session.execute(select(Subscription.id).where(Subscription.external_id == external_id)).first()
+        ):
+            raise InvalidRequest(f"a subscription with external id {external_id!r} already exists")
+        sub = new_subscription(
+            session,
+            ctx,
             customer_id=customer_id,
-            plan_id=plan_id,
+            plan=plan,
             card_id=card_id,
-            status=SubscriptionStatus.TRIALING if trial_end_at else SubscriptionStatus.ACTIVE,
-            anchor_at=anchor,
-            next_period_index=0,
-            next_billing_at=period_boundary(anchor, 0, Interval(plan.interval), plan.interval_count, ctx.timezone),
-            trial_end_at=trial_end_at,
-            created_at=now,
-            updated_at=now,
+            anchor_at=anchor_at,
+            trial_days=trial_days,
         )
-        session.add(sub)
+        sub.external_id = external_id
         session.flush()
-        events.record(session, now, "subscription.created", subscription_id=sub.id, plan=plan.code)
         return sub.id
+
+
+def new_subscription(
+    session: Session,
+    ctx: Context,
+    *,
+    customer_id: int,
+    plan: Plan,
+    card_id: int | None = None,
+    anchor_at: datetime | None = None,
+    trial_days: int | None = None,
+) -> Subscription:
+    """Add a subscription in the caller's transaction; without a card, the customer's newest usable one (if
+    any: invoices without a card wait for one)."""
+    now = ctx.clock.now()
+    if card_id is None:
+        usable = usable_card_of_customer(session, customer_id)
+        card_id = usable[0] if usable else None
+    days = plan.trial_days if trial_days is None else trial_days
+    if isinstance(days, bool) or not isinstance(days, int) or not 0 <= days <= 730:
+        raise InvalidRequest("trial_days must be a whole number from 0 to 730")
+    trial_end_at = trial_end(now, days, ctx.timezone) if days else None
+    if anchor_at is not None:
+        if anchor_at.tzinfo is None:
+            raise InvalidRequest("anchor_at must carry a time zone")
+        if anchor_at < now - _GRACE:
+            raise InvalidRequest("anchor_at must not be in the past")
+        anchor = anchor_at
+    else:
+        anchor = trial_end_at or now
+    sub = Subscription(
+        customer_id=customer_id,
+        plan_id=plan.id,
+        card_id=card_id,
+        status=SubscriptionStatus.TRIALING if trial_end_at else SubscriptionStatus.ACTIVE,
+        anchor_at=anchor,
+        next_period_index=0,
+        next_billing_at=period_boundary(anchor, 0, Interval(plan.interval), plan.interval_count, ctx.timezone),
+        trial_end_at=trial_end_at,
+        created_at=now,
+        updated_at=now,
+    )
+    session.add(sub)
+    session.flush()
+    events.record(session, now, "subscription.created", subscription_id=sub.id, plan=plan.code)
+    return sub

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 
 class ServiceError(Exception):
     """Raised when a use case refuses its input; nothing was changed."""
@@ -13,3 +15,21 @@ class NotFound(ServiceError):
 
 class InvalidRequest(ServiceError):
     """Raised when the request is well-formed but not allowed in the current state."""
+
+
+class Waiting(ServiceError):
+    """Raised when a command names an object that is not there yet (its creating command has not arrived) or is
+    being created at Tpaga by another worker: retry later; nothing was changed.
+
+    `give_up(reason)` records the command's refusal once its caller stops waiting (set by the ledger).
+    """
+
+    give_up: Callable[[str], None] | None = None
+
+
+class Stale(InvalidRequest):
+    """Raised when a command's `issued_at` is older than the last change applied to its object."""
+
+
+class AnswerLost(ServiceError):
+    """Raised when Tpaga's answer to a call that cannot be repeated (a single-use token) was lost."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
@@ -19,18 +20,29 @@ from billing.services.refunds import request_refund
 
 
 def cancel_subscription(
-    ctx: Context, *, subscription_id: int, at_period_end: bool = False, refund_last_charge: bool = False
+    ctx: Context,
+    *,
+    subscription_id: int,
+    at_period_end: bool = False,
+    refund_last_charge: bool = False,
+    guard: Callable[[Session, Subscription], None] | None = None,
+    record: Callable[[Session, datetime, dict[str, Any]], Any] | None = None,
 ) -> dict[str, Any]:
-    """Cancel now (open invoices without a charge in flight are voided) or at the period's end."""
+    """Cancel now (open invoices without a charge in flight are voided) or at the period's end.
+
+    `guard` sees the subscription first, in the cancel's transaction (a command's stale check), and `record`
+    the result before it commits (the command ledger); the refund is requested after the commit.
+    """
     for name, value in (("at_period_end", at_period_end), ("refund_last_charge", refund_last_charge)):
         if not isinstance(value, bool):
             raise InvalidRequest(f"{name} must be true or false")
     now = ctx.clock.now()
-    last_paid: int | None = None
     with ctx.unit_of_work() as session:
         sub = session.get(Subscription, subscription_id)
         if sub is None:
             raise NotFound(f"subscription {subscription_id} does not exist")
+        if guard is not None:
+            guard(session, sub)
         if sub.status == SubscriptionStatus.CANCELED:
             result: dict[str, Any] = {
                 "subscription_id": subscription_id,
@@ -58,19 +70,25 @@ def cancel_subscription(
                 "status": SubscriptionStatus.CANCELED,
                 "changed": changed,
             }
-        if refund_last_charge:
-            last_paid = session.execute(
-                select(Invoice.id)
-                .where(Invoice.subscription_id == subscription_id, Invoice.state == InvoiceState.PAID)
-                .order_by(Invoice.period_index.desc())
-                .limit(1)
-            ).scalar_one_or_none()
+        if record is not None:
+            record(session, now, dict(result))
     if refund_last_charge:
-        if last_paid is None:
-            result["refund"] = None
-        else:
-            result["refund"] = request_refund(ctx, invoice_id=last_paid, reason="subscription canceled").as_dict()
+        result["refund"] = refund_last_paid(ctx, subscription_id)
     return result
+
+
+def refund_last_paid(ctx: Context, subscription_id: int) -> dict[str, Any] | None:
+    """Request the refund of the subscription's last paid invoice (idempotent: one refund per charge)."""
+    with ctx.sessions() as session:
+        last_paid = session.execute(
+            select(Invoice.id)
+            .where(Invoice.subscription_id == subscription_id, Invoice.state == InvoiceState.PAID)
+            .order_by(Invoice.period_index.desc())
+            .limit(1)
+        ).scalar_one_or_none()
+    if last_paid is None:
+        return None
+    return request_refund(ctx, invoice_id=last_paid, reason="subscription canceled").as_dict()
 
 
 def _cancel_now(session: Session, now: datetime, subscription_id: int) -> bool:
@@ -118,5 +136,7 @@ def _cancel_now(session: Session, now: datetime, subscription_id: int) -> bool:
         now=now,
         canceled_at=now,
         next_billing_at=None,
+        paused_at=None,
+        resumes_at=None,
         updated_at=now,
     )

@@ -9,7 +9,7 @@ from typing import Any
 from sqlalchemy import select, update
 
 from billing.db.models import OutboxMessage
-from billing.services import voids
+from billing.services import commands, voids
 from billing.services.charging import charge_invoice
 from billing.services.context import Context
 from billing.services.invoicing import open_due_invoices
@@ -46,6 +46,7 @@ def run_tick(ctx: Context, *, threads: int = 8) -> dict[str, Any]:
     """Open due invoices, charge them, retry dunning, execute and expire refunds, reconcile."""
     report: dict[str, Any] = {"opened": 0, "charges": {}, "refunds": {}}
     report["resumed"] = probe_gateway(ctx)
+    report["subscriptions_resumed"] = commands.resume_due(ctx)
     while True:
         opened = open_due_invoices(ctx)
         report["opened"] += opened

@@ -37,6 +37,7 @@ class Outcome(StrEnum):
     VOID = "void"
     UNCOLLECTIBLE = "uncollectible"
     NO_USABLE_CARD = "no_usable_card"
+    SUBSCRIPTION_PAUSED = "subscription_paused"  # the subscription is paused; the invoice waits for its resume
 
 
 @dataclass(frozen=True)

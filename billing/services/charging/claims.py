@@ -63,6 +63,7 @@ def _claim_in(
             t_inv.c.period_index,
             t_sub.c.id.label("subscription_id"),
             t_sub.c.status,
+            t_sub.c.paused_at,
             t_sub.c.customer_id,
             t_plan.c.name.label("plan_name"),
             t_card.c.id.label("card_id"),
@@ -82,6 +83,11 @@ def _claim_in(
         if row.status == SubscriptionStatus.CANCELED:
             cas.transition(session, Invoice, row.id, InvoiceState.VOID, now=now, due_at=None, updated_at=now)
             outcomes[row.id] = ChargeOutcome(row.id, Outcome.VOID)
+            continue
+        if row.paused_at is not None:
+            # Rescheduled by a decline after the pause (its charge was already in flight): it waits again.
+            cas.update_while(session, Invoice, row.id, InvoiceState.OPEN, due_at=None, updated_at=now)
+            outcomes[row.id] = ChargeOutcome(row.id, Outcome.SUBSCRIPTION_PAUSED)
             continue
         card: tuple[int, str] | None = None
         if row.card_id is not None and row.card_status == CardStatus.USABLE:

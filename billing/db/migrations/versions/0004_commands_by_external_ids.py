@@ -8,6 +8,7 @@ Only new tables, nullable columns and indexes: nothing is rewritten, so it runs 
 """
 
 from collections.abc import Sequence
+from typing import Any
 
 import sqlalchemy as sa
 from alembic import op
@@ -17,7 +18,7 @@ down_revision: str | Sequence[str] | None = "0003"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
-NEW_COLUMNS: dict[str, tuple[tuple[str, sa.types.TypeEngine[object]], ...]] = {
+NEW_COLUMNS: dict[str, tuple[tuple[str, Any], ...]] = {
     "customers": (
         ("phone", sa.String(length=32)),
         ("updated_at", sa.DateTime(timezone=True)),
