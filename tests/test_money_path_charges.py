@@ -107,6 +107,10 @@ class World:
             assert subscription is not None
             return subscription.customer_id
 
+    def subscription(self, subscription_id: int) -> Subscription:
+        with self.ctx.sessions() as session:
+            return session.get_one(Subscription, subscription_id)
+
     def invoice(self, invoice_id: int) -> Invoice:
         with self.ctx.sessions() as session:
             invoice = session.get(Invoice, invoice_id)

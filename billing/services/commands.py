@@ -590,7 +590,13 @@ def pause_subscription(
                 _hold_invoices(session, now, invoice_ids)
                 sub.paused_at = now
                 sub.next_billing_at = None
-                events.record(session, now, "subscription.paused", subscription_id=sub.id, resumes_at=resumes_at)
+                events.record(
+                    session,
+                    now,
+                    "subscription.paused",
+                    subscription_id=sub.id,
+                    resumes_at=resumes_at.isoformat() if resumes_at else None,
+                )
             sub.resumes_at = resumes_at
             sub.updated_at = now
             sub.last_issued_at = scope.advance(sub.last_issued_at)
