@@ -137,7 +137,7 @@ def test_a_repeated_request_id_returns_the_first_outcome_and_other_parameters_ar
     meta = Meta(request_id="req-1")
     first = customer(world, meta=meta)
     assert customer(world, meta=meta) == {**first, "repeat": True}
-    with pytest.raises(InvalidRequest, match="request_id 'req-1' was already used .* with other parameters"):
+    with pytest.raises(InvalidRequest, match=r"request_id 'req-1' was already used .* with other parameters"):
         customer(world, email="other@example.com", meta=meta)
     with world.ctx.sessions() as session:
         assert session.execute(select(Customer.email)).scalar_one() == "ana@example.com"
@@ -220,7 +220,7 @@ def test_plan_terms_change_only_while_no_subscription_uses_the_plan(world: World
     assert same["changed"] is False
     customer(world)
     commands.create_subscription(world.ctx, external_id="s1", external_customer_id="cus_1", plan_code="gold")
-    with pytest.raises(InvalidRequest, match="plan 'gold' is in use .* make a new code"):
+    with pytest.raises(InvalidRequest, match=r"plan 'gold' is in use .* make a new code"):
         commands.upsert_plan(world.ctx, code="gold", amount="60000", currency="COP", interval="month")
     with world.ctx.sessions() as session:
         assert session.execute(select(Plan.amount_minor).where(Plan.code == "gold")).scalar_one() == 5_000_000
