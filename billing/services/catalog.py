@@ -156,6 +156,7 @@ def subscribe(
 ) -> int:
     """Start a subscription with a usable card; the first period starts at the anchor (the trial's end when
     there is a trial)."""
+    now = ctx.clock.now()  # before the transaction: a shared test clock reads the database
     with ctx.unit_of_work() as session:
         customer = session.get(Customer, customer_id)
         if customer is None:
@@ -182,6 +183,7 @@ def subscribe(
         sub = new_subscription(
             session,
             ctx,
+            now,
             customer_id=customer_id,
             plan=plan,
             card_id=card_id,
@@ -196,6 +198,7 @@ def subscribe(
 def new_subscription(
     session: Session,
     ctx: Context,
+    now: datetime,
     *,
     customer_id: int,
     plan: Plan,
@@ -205,7 +208,6 @@ def new_subscription(
 ) -> Subscription:
     """Add a subscription in the caller's transaction; without a card, the customer's newest usable one (if
     any: invoices without a card wait for one)."""
-    now = ctx.clock.now()
     if card_id is None:
         usable = usable_card_of_customer(session, customer_id)
         card_id = usable[0] if usable else None

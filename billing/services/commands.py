@@ -394,11 +394,12 @@ def _forget_token(ctx: Context, digest: str) -> None:
 
 
 def _finish_token(ctx: Context, digest: str, state: str, error: str) -> None:
+    now = ctx.clock.now()
     with ctx.unit_of_work() as session:
         session.execute(
             update(CardToken)
             .where(CardToken.token_sha256 == digest, CardToken.state == "pending")
-            .values(state=state, error=error, lease_expires_at=None, updated_at=ctx.clock.now())
+            .values(state=state, error=error, lease_expires_at=None, updated_at=now)
         )
 
 
@@ -483,7 +484,7 @@ def create_subscription(
                 return scope.applied(session, now, _subscription_result(existing, changed=False))
             customer = _customer_by_external_id(session, external_customer_id)
             sub = catalog.new_subscription(
-                session, ctx, customer_id=customer.id, plan=plan, anchor_at=anchor_at, trial_days=trial_days
+                session, ctx, now, customer_id=customer.id, plan=plan, anchor_at=anchor_at, trial_days=trial_days
             )
             sub.external_id = external_id
             sub.terms_hash = terms_hash

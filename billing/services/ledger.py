@@ -129,9 +129,10 @@ class Scope:
     def refused(self, ctx: Context, error: Exception) -> None:
         """Record a refusal in a transaction of its own; a concurrent duplicate that recorded first wins."""
         status = STALE if isinstance(error, Stale) else REJECTED
+        now = ctx.clock.now()  # outside the transaction: a shared test clock reads the database
         try:
             with ctx.unit_of_work() as session:
-                self._write(session, ctx.clock.now(), status, {}, str(error))
+                self._write(session, now, status, {}, str(error))
         except IntegrityError:  # a concurrent duplicate recorded its outcome first; that one stands
             pass
 
