@@ -33,6 +33,7 @@ ENQUEUE_DUE_INVOICES: Final = "billing.enqueue_due_invoices"
 RUN_REFUNDS: Final = "billing.run_refunds"
 RECONCILE: Final = "billing.reconcile"
 RELAY_OUTBOX: Final = "billing.relay_outbox"
+DELIVER_EVENTS: Final = "billing.deliver_events"  # on its own queue, billing.events
 
 COMMANDS: Final = (
     UPSERT_PLAN,
@@ -55,5 +56,5 @@ PUBLIC_TASKS: Final = (
     RESUME_SUBSCRIPTION,
 )
 INTERNAL_TASKS: Final = (CHARGE_INVOICES, EXECUTE_REFUND)
-PERIODIC_TASKS: Final = (OPEN_DUE_INVOICES, ENQUEUE_DUE_INVOICES, RUN_REFUNDS, RECONCILE, RELAY_OUTBOX)
+PERIODIC_TASKS: Final = (OPEN_DUE_INVOICES, ENQUEUE_DUE_INVOICES, RUN_REFUNDS, RECONCILE, RELAY_OUTBOX, DELIVER_EVENTS)
 ALL_TASKS: Final = (*PUBLIC_TASKS, *INTERNAL_TASKS, *PERIODIC_TASKS)

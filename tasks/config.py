@@ -33,7 +33,9 @@ CHARGES = "billing.charges"
 REFUNDS = "billing.refunds"
 SCHEDULER = "billing.scheduler"
 DEFAULT = "billing.default"
-QUEUE_NAMES = (CHARGES, REFUNDS, SCHEDULER, DEFAULT)
+# The event stream's delivery: a slow or dead receiver must never hold up billing's queues.
+EVENTS = "billing.events"
+QUEUE_NAMES = (CHARGES, REFUNDS, SCHEDULER, DEFAULT, EVENTS)
 
 # Task names live in billing.task_names (the services' outbox intents use them too); re-exported here.
 CHARGE_INVOICE = task_names.CHARGE_INVOICE
@@ -53,6 +55,7 @@ ENQUEUE_DUE_INVOICES = task_names.ENQUEUE_DUE_INVOICES
 RUN_REFUNDS = task_names.RUN_REFUNDS
 RECONCILE = task_names.RECONCILE
 RELAY_OUTBOX = task_names.RELAY_OUTBOX
+DELIVER_EVENTS = task_names.DELIVER_EVENTS
 
 PUBLIC_TASKS = task_names.PUBLIC_TASKS
 PERIODIC_TASKS = task_names.PERIODIC_TASKS
@@ -110,6 +113,7 @@ ROUTES: dict[str, str] = {
     EXECUTE_REFUND: REFUNDS,
     **{name: DEFAULT for name in COMMANDS},
     **{name: SCHEDULER for name in PERIODIC_TASKS},
+    DELIVER_EVENTS: EVENTS,
 }
 
 # (task name, environment variable, default seconds)
@@ -119,6 +123,7 @@ BEAT_INTERVALS: tuple[tuple[str, str, int], ...] = (
     (RUN_REFUNDS, "BILLING_BEAT_REFUNDS_SECONDS", 30),
     (RECONCILE, "BILLING_BEAT_RECONCILE_SECONDS", 60),
     (RELAY_OUTBOX, "BILLING_BEAT_OUTBOX_SECONDS", 15),
+    (DELIVER_EVENTS, "BILLING_BEAT_EVENTS_SECONDS", 2),
 )
 
 POOLS = ("threads", "prefork", "solo", "eventlet", "gevent")
@@ -159,6 +164,9 @@ class TaskSettings:
     sweep_grace_seconds: int = 60
     sweep_limit: int = 1000
     outbox_min_age_seconds: int = 5
+    # Events are kept this long (and replayable) once delivered everywhere; a backlog is kept until delivered.
+    event_retention_days: int = 90
+    delivery_threads: int = 16
     beat_seconds: tuple[tuple[str, int], ...] = tuple((name, default) for name, _, default in BEAT_INTERVALS)
 
     def beat_interval(self, task_name: str) -> int:
@@ -193,6 +201,8 @@ class TaskSettings:
             sweep_grace_seconds=_int(env, "BILLING_SWEEP_GRACE_SECONDS", 60, 0),
             sweep_limit=_int(env, "BILLING_SWEEP_LIMIT", 1000, 1),
             outbox_min_age_seconds=_int(env, "BILLING_OUTBOX_MIN_AGE_SECONDS", 5, 0),
+            event_retention_days=_int(env, "BILLING_EVENT_RETENTION_DAYS", 90, 1),
+            delivery_threads=_int(env, "BILLING_DELIVERY_THREADS", 16, 1),
             beat_seconds=tuple((name, _int(env, var, default, 1)) for name, var, default in BEAT_INTERVALS),
         )
         settings.check()
@@ -232,7 +242,7 @@ def _int(env: Mapping[str, str], name: str, default: int, minimum: int) -> int:
 
 
 def queues() -> tuple[Queue, ...]:
-    """The four queues, each on a direct exchange of its own name: exactly what a bare Celery app that sends
+    """The queues, each on a direct exchange of its own name: exactly what a bare Celery app that sends
     with `queue="billing.charges"` declares, so foreign senders and our workers agree on the bindings."""
     return tuple(
         Queue(name, Exchange(name, type="direct"), routing_key=name)  # type: ignore[no-untyped-call]
@@ -246,7 +256,7 @@ def beat_schedule(settings: TaskSettings) -> dict[str, dict[str, Any]]:
             "task": name,
             "schedule": float(settings.beat_interval(name)),
             # A periodic message older than its interval is useless: the next one is already on its way.
-            "options": {"queue": SCHEDULER, "expires": float(settings.beat_interval(name))},
+            "options": {"queue": ROUTES[name], "expires": float(settings.beat_interval(name))},
         }
         for name in PERIODIC_TASKS
     }

@@ -13,7 +13,7 @@ from celery import Task
 from kombu.exceptions import ChannelError
 
 from billing.db import control
-from billing.services import commands, invoicing, pause, reconcile, voids
+from billing.services import commands, delivery, invoicing, pause, reconcile, stream, voids
 from billing.services.context import Context
 from billing.services.outbox import relay_outbox as relay_outbox_service
 from tasks import config as names
@@ -136,3 +136,56 @@ def relay_outbox(ctx: Context) -> dict[str, Any]:
     """Publish task intents whose after-commit publish did not happen."""
     min_age = timedelta(seconds=runtime.task_settings.outbox_min_age_seconds)
     return relay_outbox_service(ctx, min_age=min_age)
+
+
+_sender: Any = None
+
+
+def _webhook_sender() -> Any:
+    """One sender per process (its HTTP sessions are per thread)."""
+    global _sender
+    if _sender is None:
+        from billing.webhooks import WebhookSender
+
+        def publish(task_name: str, queue: str, kwargs: dict[str, Any]) -> None:
+            app.send_task(task_name, kwargs=kwargs, queue=queue)
+
+        _sender = WebhookSender(publish=publish)
+    return _sender
+
+
+DELIVERY_LOOP_SECONDS = 20.0
+
+
+@task(names.DELIVER_EVENTS, bind=True)
+def deliver_events(self: Task) -> dict[str, Any]:
+    """Number the events committed since the last pass and deliver what is due, pass after pass while there is
+    work (up to DELIVERY_LOOP_SECONDS); at most once an hour, forget events past the retention.
+
+    One loop at a time (a lease a little longer than the loop, given back when it ends, so beat's next tick
+    starts the next loop at once); a second beat's tick, or one that finds a loop running, is a no-op. The
+    loop's own passes are safe to overlap anyway (the heads are claimed with SKIP LOCKED).
+    """
+    ctx = runtime.context()
+    holder = str(self.request.id)
+    if not leases.acquire(ctx, names.DELIVER_EVENTS, timedelta(seconds=DELIVERY_LOOP_SECONDS + 15), holder=holder):
+        return {"skipped": "another delivery loop is running"}
+    settings = runtime.task_settings
+    totals = {"delivered": 0, "failed": 0, "passes": 0}
+    deadline = time.monotonic() + DELIVERY_LOOP_SECONDS
+    sender = _webhook_sender()
+    try:
+        while True:
+            done = delivery.deliver_due(ctx, sender, threads=settings.delivery_threads)
+            totals["passes"] += 1
+            totals["delivered"] += done["delivered"]
+            totals["failed"] += done["failed"]
+            if done["delivered"] + done["failed"] == 0 and not stream.unsequenced(ctx):
+                break
+            if time.monotonic() > deadline:
+                break
+        if leases.acquire(ctx, "stream.purge", timedelta(hours=1), holder=holder):
+            totals["purged"] = delivery.purge(ctx, retention=timedelta(days=settings.event_retention_days))
+    finally:
+        leases.release(ctx, names.DELIVER_EVENTS, holder)
+    return totals

@@ -176,6 +176,8 @@ class Card(Base):
     status: Mapped[CardStatus] = enum_column(CardStatus, default=CardStatus.USABLE)
     unusable_code: Mapped[str | None] = mapped_column(String(16))
     created_at: Mapped[Timestamp]
+    # Migration 0005: when card.expiring was emitted for this card.
+    expiry_noticed_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
     def __repr__(self) -> str:
         return f"Card(id={self.id}, brand={self.brand}, last_four={self.last_four}, status={self.status})"
@@ -237,6 +239,9 @@ class Subscription(Base):
     # A hash of the creating command's terms: the same external_id with other terms is refused.
     terms_hash: Mapped[str | None] = mapped_column(String(64))
     last_issued_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # Columns of migration 0005: which advance notices the stream already carries (sent once each).
+    renewal_noticed_index: Mapped[int | None]
+    trial_noticed_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
 
 class Invoice(Base):
@@ -394,6 +399,79 @@ class CommandWait(Base):
     first_seen_at: Mapped[Timestamp]
 
 
+class StreamEvent(Base):
+    """An event of the outbound stream (docs/events.md), written in the transaction of the change it reports.
+
+    `stream_offset` (the event's `offset`) and `subscription_seq` are null until the sequencer
+    (billing.services.stream) numbers the event: it numbers committed events only, one sequencer at a time, so
+    offsets grow in the order events became visible and a consumer reading "offset > N" never misses one that
+    committed late.
+    """
+
+    __tablename__ = "stream_events"
+    __table_args__ = (
+        UniqueConstraint("subscription_id", "subscription_seq", name="uq_stream_events_subscription_seq"),
+        partial_index("ix_stream_events_unsequenced", "id", where="stream_offset IS NULL"),
+        Index("ix_stream_events_created", "created_at"),
+    )
+    id: Mapped[BigId]
+    event_id: Mapped[str] = mapped_column(String(40), unique=True)
+    type: Mapped[str] = mapped_column(String(48))
+    created_at: Mapped[Timestamp]
+    # The event's `offset` in the stream ("offset" is an SQL keyword).
+    stream_offset: Mapped[int | None] = mapped_column(BigInteger, unique=True)
+    customer_id: Mapped[int | None] = mapped_column(BigInteger)
+    subscription_id: Mapped[int | None] = mapped_column(BigInteger)
+    subscription_seq: Mapped[int | None]
+    data: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+
+
+class Endpoint(Base):
+    """Where the stream is delivered: a webhook URL (Standard Webhooks signatures) or celery://QUEUE/TASK."""
+
+    __tablename__ = "endpoints"
+    __table_args__ = (
+        CheckConstraint("kind in ('webhook', 'celery')", name="kind"),
+        CheckConstraint("status in ('active', 'failing')", name="status"),
+    )
+    id: Mapped[BigId]
+    url: Mapped[str] = mapped_column(String(2048))
+    kind: Mapped[str] = mapped_column(String(16))
+    secret: Mapped[str | None] = mapped_column(String(512))
+    # Event types it receives (a JSON list), or null for all of them.
+    event_types: Mapped[list[str] | None] = mapped_column(JSON)
+    status: Mapped[str] = mapped_column(String(16), default="active")
+    failing_since: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # It receives the events numbered after this offset (the stream's end when it was added).
+    from_offset: Mapped[int] = mapped_column(BigInteger, default=0)
+    created_at: Mapped[Timestamp]
+    removed_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+
+class Delivery(Base):
+    """One event for one endpoint: pending until the endpoint acknowledged it (2xx, or the broker took the
+    message). Per endpoint and ordering key (the subscription, else the customer) only the lowest pending offset
+    is sent, so event k+1 never reaches an endpoint before k was acknowledged there."""
+
+    __tablename__ = "deliveries"
+    __table_args__ = (
+        CheckConstraint("state in ('pending', 'delivered')", name="state"),
+        partial_index("ix_deliveries_heads", "endpoint_id", "key", "stream_offset", where="state = 'pending'"),
+        partial_index("ix_deliveries_due", "next_attempt_at", where="state = 'pending'"),
+    )
+    endpoint_id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), ForeignKey("endpoints.id"), primary_key=True
+    )
+    stream_offset: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    key: Mapped[str] = mapped_column(String(40))
+    state: Mapped[str] = mapped_column(String(16), default="pending")
+    attempts: Mapped[int] = mapped_column(default=0)
+    next_attempt_at: Mapped[Timestamp]
+    last_error: Mapped[str | None] = mapped_column(String(255))
+    created_at: Mapped[Timestamp]
+    delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+
 class OutboxMessage(Base):
     """A task intent written in the same transaction as the state change it follows from."""
 
@@ -434,11 +512,14 @@ __all__ = [
     "CommandWait",
     "Control",
     "Customer",
+    "Delivery",
+    "Endpoint",
     "Event",
     "Invoice",
     "OutboxMessage",
     "Plan",
     "Refund",
+    "StreamEvent",
     "Subscription",
     "UTCDateTime",
     "enum_check",

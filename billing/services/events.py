@@ -15,7 +15,15 @@ log = logging.getLogger("billing.events")
 
 # Kinds that need a human: logged at WARNING so an operator's log alerting sees them.
 ALERT_KINDS = frozenset(
-    {"attempt.unknown", "billing.paused", "refund.unknown", "charge.duplicate", "attempt.late_answer", "refund.flagged"}
+    {
+        "attempt.unknown",
+        "billing.paused",
+        "refund.unknown",
+        "charge.duplicate",
+        "attempt.late_answer",
+        "refund.flagged",
+        "webhook.failing",
+    }
 )
 
 

@@ -1,0 +1,413 @@
+"""Delivering the stream to endpoints: in order per subscription, retried for days, replayable.
+
+A pass (`deliver_due`) claims the deliveries that may go now: per endpoint and ordering key only the lowest
+pending offset (the head), and only when its next attempt is due. The claim pushes the head's next attempt a
+lease ahead and commits before anything is sent, so a concurrent pass (a second beat, another worker) skips it
+and a worker killed mid-send leaves a head that is sent again after the lease (the same `webhook-id`: at least
+once, never out of order). An acknowledged head (2xx, or the broker took the Celery message) is `delivered`,
+which makes the next event of its key the head.
+
+A failed attempt is retried with exponential backoff and jitter (`RETRY_SCHEDULE`, then every 12 hours, for as
+long as the event is kept); after `FAILING_AFTER` failures in a row an endpoint is marked failing with an
+ALERT, and its backlog waits for it.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import secrets
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+from urllib.parse import urlsplit
+
+from sqlalchemy import and_, delete, exists, func, select, update
+from sqlalchemy.orm import Session, aliased
+
+from billing.config import is_loopback_host
+from billing.db import bulk
+from billing.db.models import Delivery, Endpoint, StreamEvent
+from billing.services import events, stream
+from billing.services.context import Context
+from billing.services.errors import InvalidRequest, NotFound
+
+log = logging.getLogger("billing.delivery")
+
+# Seconds before retry n (1-based); afterwards every 12 hours. The first retry comes within seconds, and the
+# whole schedule spans more than 3 days before the 12-hour steps.
+RETRY_SCHEDULE = (5, 30, 120, 600, 1800, 3600, 3 * 3600, 6 * 3600, 12 * 3600, 12 * 3600, 12 * 3600, 12 * 3600)
+LATER_RETRY_SECONDS = 12 * 3600
+FAILING_AFTER = 5
+CLAIM_LEASE = timedelta(seconds=60)
+EVENT_TYPES_MAX = 64
+
+
+class DeliveryFailed(Exception):
+    """Raised by a sender when the endpoint did not acknowledge; the message says why, without secrets."""
+
+
+Send = Callable[[Endpoint, StreamEvent], None]
+
+
+def retry_delay(attempts: int, rng: random.Random | None = None) -> timedelta:
+    """The wait after the `attempts`-th failed attempt, with +-20 % jitter."""
+    base = RETRY_SCHEDULE[attempts - 1] if 1 <= attempts <= len(RETRY_SCHEDULE) else LATER_RETRY_SECONDS
+    jitter = (rng or random).uniform(0.8, 1.2)
+    return timedelta(seconds=base * jitter)
+
+
+# --- endpoints ----------------------------------------------------------------------------------------------
+
+
+def check_url(url: str) -> str:
+    """webhook: http(s) only, https unless loopback; celery://QUEUE/TASK_NAME for in-house consumers."""
+    if not isinstance(url, str) or len(url) > 2048:
+        raise InvalidRequest("the endpoint URL must be a string of at most 2048 characters")
+    parts = urlsplit(url)
+    if parts.scheme == "celery":
+        queue, task = parts.netloc, parts.path.lstrip("/")
+        if not queue or not task or "/" in task:
+            raise InvalidRequest("a Celery endpoint is celery://QUEUE/TASK_NAME")
+        return url
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise InvalidRequest(f"the endpoint URL must be http(s)://... or celery://QUEUE/TASK, got {url[:60]!r}")
+    if parts.scheme != "https" and not is_loopback_host(parts.hostname):
+        raise InvalidRequest("the endpoint URL must use https unless it points at a loopback address")
+    if parts.username or parts.password:
+        raise InvalidRequest("the endpoint URL must not carry credentials; it is signed with its secret instead")
+    return url
+
+
+def new_secret() -> str:
+    import base64
+
+    return "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode()
+
+
+def check_secret(secret: str) -> str:
+    import base64
+    import binascii
+
+    if not isinstance(secret, str) or not secret.startswith("whsec_"):
+        raise InvalidRequest("a webhook secret is whsec_ followed by base64 (at least 24 bytes)")
+    try:
+        raw = base64.b64decode(secret[len("whsec_") :], validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidRequest("a webhook secret is whsec_ followed by base64 (at least 24 bytes)") from None
+    if len(raw) < 24:
+        raise InvalidRequest("a webhook secret needs at least 24 bytes of randomness")
+    return secret
+
+
+@dataclass(frozen=True)
+class NewEndpoint:
+    endpoint_id: int
+    url: str
+    secret: str | None  # shown once, at creation
+
+
+def add_endpoint(
+    ctx: Context, url: str, *, event_types: Sequence[str] | None = None, secret: str | None = None
+) -> NewEndpoint:
+    """Register an endpoint; it receives the events numbered from now on (`replay` sends older ones)."""
+    url = check_url(url)
+    kind = "celery" if url.startswith("celery://") else "webhook"
+    if event_types is not None:
+        event_types = sorted(set(event_types))
+        if not 1 <= len(event_types) <= EVENT_TYPES_MAX or not all(
+            isinstance(t, str) and 1 <= len(t) <= 48 for t in event_types
+        ):
+            raise InvalidRequest(f"--events takes 1 to {EVENT_TYPES_MAX} event types")
+    if kind == "webhook":
+        secret = check_secret(secret) if secret is not None else new_secret()
+    elif secret is not None:
+        raise InvalidRequest("a Celery endpoint is not signed: it takes no secret")
+    now = ctx.clock.now()
+    with ctx.unit_of_work() as session:
+        endpoint = Endpoint(
+            url=url,
+            kind=kind,
+            secret=secret,
+            event_types=list(event_types) if event_types is not None else None,
+            status="active",
+            from_offset=stream.last_offset(session),
+            created_at=now,
+        )
+        session.add(endpoint)
+        session.flush()
+        return NewEndpoint(endpoint.id, url, secret)
+
+
+def remove_endpoint(ctx: Context, endpoint_id: int) -> None:
+    """Stop delivering to it (its pending deliveries are dropped with it)."""
+    now = ctx.clock.now()
+    with ctx.unit_of_work() as session:
+        endpoint = session.get(Endpoint, endpoint_id)
+        if endpoint is None or endpoint.removed_at is not None:
+            raise NotFound(f"endpoint {endpoint_id} does not exist")
+        endpoint.removed_at = now
+        session.execute(delete(Delivery).where(Delivery.endpoint_id == endpoint_id, Delivery.state == "pending"))
+
+
+def rotate_secret(ctx: Context, endpoint_id: int, secret: str | None = None) -> str:
+    """Add a new secret (returned, shown once); requests are signed with the new and the old ones until
+    `retire_old_secrets`, so receivers can switch at their own pace."""
+    secret = check_secret(secret) if secret is not None else new_secret()
+    with ctx.unit_of_work() as session:
+        endpoint = _live_endpoint(session, endpoint_id)
+        if endpoint.kind != "webhook":
+            raise InvalidRequest("a Celery endpoint has no secret")
+        old = (endpoint.secret or "").split()
+        endpoint.secret = " ".join([secret, *old][:3])
+    return secret
+
+
+def retire_old_secrets(ctx: Context, endpoint_id: int) -> None:
+    """Sign with the newest secret only."""
+    with ctx.unit_of_work() as session:
+        endpoint = _live_endpoint(session, endpoint_id)
+        endpoint.secret = (endpoint.secret or "").split()[0] if endpoint.secret else None
+
+
+def list_endpoints(ctx: Context) -> list[dict[str, Any]]:
+    """Endpoints with their backlog (never their secret)."""
+    with ctx.sessions() as session:
+        rows = []
+        for endpoint in session.execute(
+            select(Endpoint).where(Endpoint.removed_at.is_(None)).order_by(Endpoint.id)
+        ).scalars():
+            pending = session.execute(
+                select(Delivery.stream_offset)
+                .where(Delivery.endpoint_id == endpoint.id, Delivery.state == "pending")
+                .order_by(Delivery.stream_offset)
+            ).scalars()
+            backlog = list(pending)
+            rows.append(
+                {
+                    "endpoint_id": endpoint.id,
+                    "url": endpoint.url,
+                    "kind": endpoint.kind,
+                    "events": endpoint.event_types or "all",
+                    "status": endpoint.status,
+                    "failing_since": endpoint.failing_since.isoformat() if endpoint.failing_since else None,
+                    "pending": len(backlog),
+                    "oldest_pending_offset": backlog[0] if backlog else None,
+                }
+            )
+        return rows
+
+
+def _live_endpoint(session: Session, endpoint_id: int) -> Endpoint:
+    endpoint = session.get(Endpoint, endpoint_id)
+    if endpoint is None or endpoint.removed_at is not None:
+        raise NotFound(f"endpoint {endpoint_id} does not exist")
+    return endpoint
+
+
+def replay(ctx: Context, endpoint_id: int, *, from_offset: int | None = None, since: datetime | None = None) -> int:
+    """Send the endpoint's events again from an offset (inclusive) or a time: already delivered ones become
+    pending again, in order behind what it has pending. Returns how many events are queued."""
+    if (from_offset is None) == (since is None):
+        raise InvalidRequest("give exactly one of --from-offset or --since")
+    if from_offset is not None and from_offset < 0:
+        raise InvalidRequest("--from-offset must be 0 or more")
+    now = ctx.clock.now()
+    queued = 0
+    with ctx.unit_of_work() as session:
+        endpoint = _live_endpoint(session, endpoint_id)
+        query = select(StreamEvent).where(StreamEvent.stream_offset.is_not(None))
+        if from_offset is not None:
+            query = query.where(StreamEvent.stream_offset >= from_offset)
+        else:
+            assert since is not None
+            query = query.where(StreamEvent.created_at >= since)
+        for event in session.execute(query.order_by(StreamEvent.stream_offset)).scalars():
+            if not stream.wants(endpoint, event.type):
+                continue
+            assert event.stream_offset is not None
+            updated = session.execute(
+                update(Delivery)
+                .where(Delivery.endpoint_id == endpoint.id, Delivery.stream_offset == event.stream_offset)
+                .values(state="pending", next_attempt_at=now, attempts=0, delivered_at=None)
+                .execution_options(synchronize_session=False)
+            ).rowcount  # type: ignore[attr-defined]
+            if not updated:
+                bulk.insert_rows(
+                    session,
+                    Delivery,
+                    [
+                        {
+                            "endpoint_id": endpoint.id,
+                            "stream_offset": event.stream_offset,
+                            "key": stream.ordering_key(event),
+                            "state": "pending",
+                            "attempts": 0,
+                            "next_attempt_at": now,
+                            "created_at": now,
+                        }
+                    ],
+                )
+            queued += 1
+    return queued
+
+
+# --- delivering ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Claimed:
+    endpoint_id: int
+    stream_offset: int
+    attempts: int
+
+
+def claim_heads(ctx: Context, *, limit: int = 200) -> list[Claimed]:
+    """Claim up to `limit` due heads (see module doc); committed before anything is sent."""
+    now = ctx.clock.now()
+    lower = aliased(Delivery)
+    with ctx.unit_of_work() as session:
+        heads = list(
+            session.execute(
+                select(Delivery.endpoint_id, Delivery.stream_offset, Delivery.attempts)
+                .where(
+                    Delivery.state == "pending",
+                    Delivery.next_attempt_at <= now,
+                    ~exists().where(
+                        and_(
+                            lower.endpoint_id == Delivery.endpoint_id,
+                            lower.key == Delivery.key,
+                            lower.state == "pending",
+                            lower.stream_offset < Delivery.stream_offset,
+                        )
+                    ),
+                )
+                .order_by(Delivery.next_attempt_at)
+                .limit(limit)
+                .with_for_update(skip_locked=True)
+            ).all()
+        )
+        if not heads:
+            return []
+        for endpoint_id, offset, _ in heads:
+            session.execute(
+                update(Delivery)
+                .where(Delivery.endpoint_id == endpoint_id, Delivery.stream_offset == offset)
+                .values(next_attempt_at=now + CLAIM_LEASE, attempts=Delivery.attempts + 1)
+            )
+        return [Claimed(endpoint_id, offset, attempts + 1) for endpoint_id, offset, attempts in heads]
+
+
+def deliver_due(ctx: Context, send: Send, *, limit: int = 200, threads: int = 16) -> dict[str, int]:
+    """One pass: number new events, claim due heads, send them concurrently, record each outcome."""
+    stream.sequence(ctx)
+    claimed = claim_heads(ctx, limit=limit)
+    if not claimed:
+        return {"delivered": 0, "failed": 0}
+    with ctx.sessions() as session:
+        endpoints = {
+            e.id: e
+            for e in session.execute(
+                select(Endpoint).where(Endpoint.id.in_({c.endpoint_id for c in claimed}))
+            ).scalars()
+        }
+        by_offset = {
+            e.stream_offset: e
+            for e in session.execute(
+                select(StreamEvent).where(StreamEvent.stream_offset.in_({c.stream_offset for c in claimed}))
+            ).scalars()
+        }
+        session.expunge_all()
+
+    def attempt(claim: Claimed) -> tuple[Claimed, str | None]:
+        endpoint, event = endpoints.get(claim.endpoint_id), by_offset.get(claim.stream_offset)
+        if endpoint is None or event is None or endpoint.removed_at is not None:
+            return claim, "gone"
+        try:
+            send(endpoint, event)
+        except DeliveryFailed as exc:
+            return claim, str(exc)[:255]
+        except Exception as exc:  # a sender bug must not lose the event: it is retried like a failure
+            log.exception("delivery of offset %s to endpoint %s failed", claim.stream_offset, claim.endpoint_id)
+            return claim, f"error: {type(exc).__name__}"
+        return claim, None
+
+    if len(claimed) == 1 or threads <= 1:
+        results = [attempt(c) for c in claimed]
+    else:
+        with ThreadPoolExecutor(max_workers=min(threads, len(claimed))) as pool:
+            results = list(pool.map(attempt, claimed))
+    return _record(ctx, results)
+
+
+def _record(ctx: Context, results: list[tuple[Claimed, str | None]]) -> dict[str, int]:
+    now = ctx.clock.now()
+    delivered = [c for c, error in results if error is None]
+    failed = [(c, error) for c, error in results if error is not None]
+    with ctx.unit_of_work() as session:
+        for claim in delivered:
+            session.execute(
+                update(Delivery)
+                .where(Delivery.endpoint_id == claim.endpoint_id, Delivery.stream_offset == claim.stream_offset)
+                .values(state="delivered", delivered_at=now, last_error=None)
+            )
+        for claim, error in failed:
+            session.execute(
+                update(Delivery)
+                .where(Delivery.endpoint_id == claim.endpoint_id, Delivery.stream_offset == claim.stream_offset)
+                .values(next_attempt_at=now + retry_delay(claim.attempts), last_error=error)
+            )
+        recovered = {c.endpoint_id for c in delivered}
+        if recovered:
+            back = list(
+                session.execute(
+                    update(Endpoint)
+                    .where(Endpoint.id.in_(recovered), Endpoint.status == "failing")
+                    .values(status="active", failing_since=None)
+                    .returning(Endpoint.id)
+                ).scalars()
+            )
+            for endpoint_id in back:
+                events.record(session, now, "webhook.recovered", endpoint_id=endpoint_id)
+        failing = {c.endpoint_id for c, _ in failed if c.attempts >= FAILING_AFTER} - recovered
+        if failing:
+            marked = list(
+                session.execute(
+                    update(Endpoint)
+                    .where(Endpoint.id.in_(failing), Endpoint.status == "active")
+                    .values(status="failing", failing_since=now)
+                    .returning(Endpoint.id)
+                ).scalars()
+            )
+            for endpoint_id in marked:
+                reason = next(e for c, e in failed if c.endpoint_id == endpoint_id)
+                events.record(session, now, "webhook.failing", endpoint_id=endpoint_id, reason=reason)
+    return {"delivered": len(delivered), "failed": len(failed)}
+
+
+def purge(ctx: Context, *, retention: timedelta) -> int:
+    """Forget events older than the retention whose deliveries are all done (a backlog is kept)."""
+    cutoff = ctx.clock.now() - retention
+    with ctx.unit_of_work() as session:
+        old = select(StreamEvent.stream_offset).where(
+            StreamEvent.created_at < cutoff, StreamEvent.stream_offset.is_not(None)
+        )
+        pending = select(Delivery.stream_offset).where(Delivery.state == "pending")
+        # Each subscription's newest event stays: its subscription_seq continues from it, without a restart.
+        newest = (
+            select(func.max(StreamEvent.stream_offset))
+            .where(StreamEvent.subscription_id.is_not(None))
+            .group_by(StreamEvent.subscription_id)
+        )
+        session.execute(delete(Delivery).where(Delivery.stream_offset.in_(old), Delivery.state == "delivered"))
+        result = session.execute(
+            delete(StreamEvent).where(
+                StreamEvent.created_at < cutoff,
+                StreamEvent.stream_offset.is_not(None),
+                StreamEvent.stream_offset.not_in(pending),
+                StreamEvent.stream_offset.not_in(newest),
+            )
+        )
+        return int(result.rowcount or 0)  # type: ignore[attr-defined]

@@ -1,0 +1,282 @@
+"""The outbound event stream (docs/events.md): written with each state change, numbered after commit.
+
+`emit` adds an event in the caller's transaction, so an event exists exactly when its change committed. The
+event has no offset yet: `sequence` numbers committed events, one sequencer at a time (a row lock on the
+stream's counter; a second sequencer skips its turn), in the order it finds them visible. A PostgreSQL sequence
+alone would not do: a transaction that took offset 7 may commit after one that took 8, and a consumer that
+read "offset > 7" would never see 7. Numbering after commit gives offsets in visibility order, and each
+subscription's `subscription_seq` (1, 2, 3 ... without gaps) in the same pass.
+
+The sequencer also fills what never changes once set (the subscription's and customer's external ids, the
+customer of a subscription event) and fans each event out to the endpoints that want it (`deliveries`).
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import bindparam, func, select, update
+from sqlalchemy.orm import Session
+
+from billing.db import bulk
+from billing.db.models import Control, Customer, Delivery, Endpoint, StreamEvent, Subscription
+from billing.services.context import Context
+
+OFFSET_KEY = "stream.offset"
+SEQUENCE_BATCH = 1000
+
+
+def new_event_id() -> str:
+    return f"evt_{uuid.uuid4().hex}"
+
+
+def row(
+    now: datetime,
+    type: str,
+    *,
+    subscription_id: int | None = None,
+    customer_id: int | None = None,
+    **data: Any,
+) -> dict[str, Any]:
+    """One event as a row for `emit_many`. `data` holds what an app needs to act (docs/events.md): flat ids,
+    amounts with currency, codes; never a card id, a token or a key."""
+    if subscription_id is not None:
+        data["subscription_id"] = subscription_id
+    if customer_id is not None:
+        data["customer_id"] = customer_id
+    return {
+        "event_id": new_event_id(),
+        "type": type,
+        "created_at": now,
+        "customer_id": customer_id,
+        "subscription_id": subscription_id,
+        "data": data,
+    }
+
+
+def emit(session: Session, now: datetime, type: str, **fields: Any) -> None:
+    """Add one event in the caller's transaction (see `row` for the fields)."""
+    emit_many(session, [row(now, type, **fields)])
+
+
+def emit_many(session: Session, rows: Sequence[dict[str, Any]]) -> None:
+    if rows:
+        bulk.insert_rows(session, StreamEvent, rows)
+
+
+# --- numbering ----------------------------------------------------------------------------------------------
+
+
+def sequence(ctx: Context, *, limit: int = SEQUENCE_BATCH) -> int:
+    """Number up to `limit` committed events and fan them out; how many were numbered (0 when another
+    sequencer holds the counter)."""
+    now = ctx.clock.now()
+    with ctx.unit_of_work() as session:
+        last = _lock_counter(session, now)
+        if last is None:
+            return 0
+        events = list(
+            session.execute(
+                select(StreamEvent).where(StreamEvent.stream_offset.is_(None)).order_by(StreamEvent.id).limit(limit)
+            ).scalars()
+        )
+        if not events:
+            return 0
+        with session.no_autoflush:  # the rows are written by one statement below, not by the ORM's flush
+            _enrich(session, events)
+            seqs = _last_seqs(session, {e.subscription_id for e in events if e.subscription_id is not None})
+        numbered: list[dict[str, Any]] = []
+        for event in events:
+            last += 1
+            values: dict[str, Any] = {"b_id": event.id, "stream_offset": last}
+            if event.subscription_id is not None:
+                seqs[event.subscription_id] += 1
+                values["subscription_seq"] = seqs[event.subscription_id]
+            values["customer_id"] = event.customer_id
+            values["data"] = event.data
+            event.stream_offset = last
+            event.subscription_seq = values.get("subscription_seq")
+            numbered.append(values)
+        session.expunge_all()
+        table: Any = StreamEvent.__table__
+        session.execute(
+            update(table)
+            .where(table.c.id == bindparam("b_id"))
+            .values(
+                stream_offset=bindparam("stream_offset"),
+                subscription_seq=bindparam("subscription_seq"),
+                customer_id=bindparam("customer_id"),
+                data=bindparam("data"),
+            ),
+            [{"subscription_seq": None, **v} for v in numbered],
+        )
+        session.execute(update(Control).where(Control.key == OFFSET_KEY).values(value=str(last), updated_at=now))
+        _fan_out(session, now, events)
+        return len(events)
+
+
+def _lock_counter(session: Session, now: datetime) -> int | None:
+    """The last offset given, with its row locked for this transaction; None if another sequencer has it."""
+    bulk.insert_rows(
+        session,
+        Control,
+        [{"key": OFFSET_KEY, "value": "0", "updated_at": now}],
+        on_conflict_do_nothing=True,
+        conflict_columns=("key",),
+    )
+    value = session.execute(
+        select(Control.value).where(Control.key == OFFSET_KEY).with_for_update(skip_locked=True)
+    ).scalar_one_or_none()
+    return None if value is None else int(value)
+
+
+def _last_seqs(session: Session, subscription_ids: set[int]) -> dict[int, int]:
+    seqs: dict[int, int] = defaultdict(int)
+    if subscription_ids:
+        seqs.update(
+            (int(sub or 0), int(seq or 0))
+            for sub, seq in session.execute(
+                select(StreamEvent.subscription_id, func.max(StreamEvent.subscription_seq))
+                .where(StreamEvent.subscription_id.in_(subscription_ids), StreamEvent.subscription_seq.is_not(None))
+                .group_by(StreamEvent.subscription_id)
+            ).all()
+        )
+    return seqs
+
+
+def _enrich(session: Session, events: list[StreamEvent]) -> None:
+    """Fill the ids that never change once set: a subscription's external id and customer, a customer's
+    external id."""
+    sub_ids = {e.subscription_id for e in events if e.subscription_id is not None}
+    subs = (
+        {
+            r.id: r
+            for r in session.execute(
+                select(Subscription.id, Subscription.external_id, Subscription.customer_id).where(
+                    Subscription.id.in_(sub_ids)
+                )
+            )
+        }
+        if sub_ids
+        else {}
+    )
+    for event in events:
+        if event.subscription_id in subs and event.customer_id is None:
+            event.customer_id = subs[event.subscription_id].customer_id
+    customer_ids = {e.customer_id for e in events if e.customer_id is not None}
+    customers = (
+        dict(
+            session.execute(
+                select(Customer.id, Customer.merchant_customer_id).where(Customer.id.in_(customer_ids))
+            ).all()
+        )
+        if customer_ids
+        else {}
+    )
+    for event in events:
+        data = dict(event.data or {})
+        if event.subscription_id is not None:
+            data["subscription_id"] = event.subscription_id
+            sub = subs.get(event.subscription_id)
+            data["subscription_external_id"] = sub.external_id if sub else None
+        if event.customer_id is not None:
+            data["customer_id"] = event.customer_id
+            data["customer_external_id"] = customers.get(event.customer_id)
+        event.data = data
+
+
+def ordering_key(event: StreamEvent) -> str:
+    """Events of one subscription go out in order; events without one, in order per customer."""
+    if event.subscription_id is not None:
+        return f"sub:{event.subscription_id}"
+    if event.customer_id is not None:
+        return f"cus:{event.customer_id}"
+    return "stream"
+
+
+def wants(endpoint: Endpoint, event_type: str) -> bool:
+    return endpoint.event_types is None or event_type in endpoint.event_types
+
+
+def _fan_out(session: Session, now: datetime, events: Iterable[StreamEvent]) -> None:
+    endpoints = list(session.execute(select(Endpoint).where(Endpoint.removed_at.is_(None))).scalars())
+    rows = [
+        {
+            "endpoint_id": endpoint.id,
+            "stream_offset": event.stream_offset,
+            "key": ordering_key(event),
+            "state": "pending",
+            "attempts": 0,
+            "next_attempt_at": now,
+            "created_at": now,
+        }
+        for event in events
+        for endpoint in endpoints
+        if event.stream_offset is not None
+        and event.stream_offset > endpoint.from_offset
+        and wants(endpoint, event.type)
+    ]
+    bulk.insert_rows(session, Delivery, rows)
+
+
+# --- reading ------------------------------------------------------------------------------------------------
+
+
+def body(event: StreamEvent) -> dict[str, Any]:
+    """The event as apps receive it (webhook body, Celery kwarg `event`, `billing events list --json`)."""
+    out: dict[str, Any] = {
+        "id": event.event_id,
+        "type": event.type,
+        "created_at": event.created_at.isoformat(),
+        "offset": event.stream_offset,
+    }
+    if event.subscription_id is not None:
+        out["subscription_id"] = event.subscription_id
+        out["subscription_external_id"] = (event.data or {}).get("subscription_external_id")
+        out["subscription_seq"] = event.subscription_seq
+    out["data"] = event.data or {}
+    return out
+
+
+def encode(event: StreamEvent) -> bytes:
+    """The exact bytes sent (and signed): the same for every attempt of the event."""
+    return json.dumps(body(event), sort_keys=True, separators=(",", ":"), default=str).encode()
+
+
+def last_offset(session: Session) -> int:
+    value = session.execute(select(Control.value).where(Control.key == OFFSET_KEY)).scalar_one_or_none()
+    return int(value) if value is not None else 0
+
+
+def events_after(
+    session: Session,
+    offset: int = 0,
+    *,
+    limit: int = 100,
+    types: Sequence[str] | None = None,
+    subscription_id: int | None = None,
+    since: datetime | None = None,
+) -> list[StreamEvent]:
+    """Numbered events after `offset`, oldest first."""
+    query = select(StreamEvent).where(StreamEvent.stream_offset > offset)
+    if types:
+        query = query.where(StreamEvent.type.in_(list(types)))
+    if subscription_id is not None:
+        query = query.where(StreamEvent.subscription_id == subscription_id)
+    if since is not None:
+        query = query.where(StreamEvent.created_at >= since)
+    return list(session.execute(query.order_by(StreamEvent.stream_offset).limit(limit)).scalars())
+
+
+def unsequenced(ctx: Context) -> bool:
+    """Whether committed events wait for their numbers."""
+    with ctx.sessions() as session:
+        return (
+            session.execute(select(StreamEvent.id).where(StreamEvent.stream_offset.is_(None)).limit(1)).first()
+            is not None
+        )
