@@ -20,9 +20,10 @@ from sqlalchemy.orm import Session
 from billing.db import bulk, cas
 from billing.db.models import ChargeAttempt, Invoice
 from billing.domain.declines import DeclineClass, classify
+from billing.domain.money import Money
 from billing.domain.states import AttemptState, InvoiceState, RefundState
 from billing.gateway.models import Charge
-from billing.services import events, refunds
+from billing.services import events, refunds, stream
 from billing.services.charging.attempts import Outcome
 from billing.services.charging.dunning import apply_declines, settle_subscriptions
 from billing.services.context import Context
@@ -172,6 +173,27 @@ def _void_unwanted(ctx: Context, session: Session, now: datetime, answer: Answer
         )
 
 
+# The invoice columns the charge path locks and reads: its state, and what its stream events carry.
+LOCKED_INVOICE_COLUMNS = ("state", "subscription_id", "amount_minor", "currency", "period_start", "period_end")
+
+
+def invoice_paid(now: datetime, invoice: Any, attempt_id: int) -> dict[str, Any]:
+    """The stream's `invoice.paid` for a locked invoice row (LOCKED_INVOICE_COLUMNS)."""
+    amount = Money(invoice.amount_minor, invoice.currency)
+    return stream.row(
+        now,
+        "invoice.paid",
+        subscription_id=invoice.subscription_id,
+        invoice_id=invoice.id,
+        charge_id=attempt_id,
+        amount=str(amount.major),
+        currency=amount.currency,
+        period_start=invoice.period_start.isoformat(),
+        period_end=invoice.period_end.isoformat(),
+        entitlement={"active": True, "until": invoice.period_end.isoformat()},
+    )
+
+
 def mark_invoices_paid(
     session: Session, now: datetime, paid: list[tuple[int, int]], invoices: Mapping[int, Any]
 ) -> None:
@@ -199,6 +221,8 @@ def mark_invoices_paid(
             for inv, att in paid
         ],
     )
+    charge_of = dict(paid)
+    stream.emit_many(session, [invoice_paid(now, invoices[i], charge_of[i]) for i in moved])
     settle_subscriptions(session, now, sorted({invoices[i].subscription_id for i in moved}))
 
 

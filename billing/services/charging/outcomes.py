@@ -27,7 +27,7 @@ from billing.domain.states import AttemptState, InvoiceState
 from billing.gateway import errors as gw
 from billing.gateway.models import Charge
 from billing.services import events, refunds
-from billing.services.charging.answers import Answer, record_approvals, record_declines
+from billing.services.charging.answers import LOCKED_INVOICE_COLUMNS, Answer, record_approvals, record_declines
 from billing.services.charging.attempts import CallResult, ChargeOutcome, Claim, HeldBack, Outcome
 from billing.services.context import Context
 from billing.services.pause import PauseReason, note_not_sent, note_reached, pause_billing
@@ -96,7 +96,7 @@ def record_in(ctx: Context, session: Session, now: datetime, sent: Sequence[Call
     """Apply the outcomes of the given calls in the caller's transaction; returns them in the same order."""
     # Invoices before attempts, in id order, in every transaction that writes both: no deadlock with
     # mark_sending, cancel_subscription or reconciliation.
-    invoices = bulk.lock_rows(session, Invoice, [item.claim.invoice_id for item in sent], "state", "subscription_id")
+    invoices = bulk.lock_rows(session, Invoice, [item.claim.invoice_id for item in sent], *LOCKED_INVOICE_COLUMNS)
     approved: list[Answer] = []
     declined: list[Answer] = []
     outcomes: dict[int, ChargeOutcome] = {}
@@ -309,7 +309,7 @@ def settle_from_charge(ctx: Context, invoice_id: int, attempt_id: int, charge: C
     elif answer.decline_class == DeclineClass.UNKNOWN:
         return "still_unknown"
     with ctx.unit_of_work() as session:
-        invoices = bulk.lock_rows(session, Invoice, [invoice_id], "state", "subscription_id")  # (see record_in)
+        invoices = bulk.lock_rows(session, Invoice, [invoice_id], *LOCKED_INVOICE_COLUMNS)  # (see record_in)
         current = session.execute(
             select(ChargeAttempt.state).where(ChargeAttempt.id == attempt_id)
         ).scalar_one_or_none()
