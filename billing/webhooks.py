@@ -67,6 +67,13 @@ class WebhookSender:
             self._post(endpoint, event)
 
     def _post(self, endpoint: Endpoint, event: StreamEvent) -> None:
+        status = self.post(endpoint, event)
+        if not 200 <= status < 300:
+            raise DeliveryFailed(f"HTTP {status}")
+
+    def post(self, endpoint: Endpoint, event: StreamEvent) -> int:
+        """One signed POST; the HTTP status (DeliveryFailed when no answer came). `billing webhooks test`
+        uses it directly, with an event that is not in the stream."""
         body = stream.encode(event)
         headers = {
             "Content-Type": "application/json",
@@ -92,8 +99,7 @@ class WebhookSender:
             pass  # the status is the answer; a body cut short changes nothing
         finally:
             response.close()
-        if not 200 <= response.status_code < 300:
-            raise DeliveryFailed(f"HTTP {response.status_code}")
+        return int(response.status_code)
 
     def _send_celery(self, endpoint: Endpoint, event: StreamEvent) -> None:
         if self._publish is None:

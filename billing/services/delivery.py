@@ -165,11 +165,15 @@ def rotate_secret(ctx: Context, endpoint_id: int, secret: str | None = None) -> 
     return secret
 
 
-def retire_old_secrets(ctx: Context, endpoint_id: int) -> None:
-    """Sign with the newest secret only."""
+def retire_old_secrets(ctx: Context, endpoint_id: int) -> int:
+    """Sign with the newest secret only; how many older secrets were dropped."""
     with ctx.unit_of_work() as session:
         endpoint = _live_endpoint(session, endpoint_id)
-        endpoint.secret = (endpoint.secret or "").split()[0] if endpoint.secret else None
+        if endpoint.kind != "webhook":
+            raise InvalidRequest("a Celery endpoint has no secret")
+        secrets_ = (endpoint.secret or "").split()
+        endpoint.secret = secrets_[0] if secrets_ else None
+        return max(len(secrets_) - 1, 0)
 
 
 def list_endpoints(ctx: Context) -> list[dict[str, Any]]:
@@ -198,6 +202,14 @@ def list_endpoints(ctx: Context) -> list[dict[str, Any]]:
                 }
             )
         return rows
+
+
+def get_endpoint(ctx: Context, endpoint_id: int) -> Endpoint:
+    """A live endpoint, detached from its session (NotFound if it was never added or was removed)."""
+    with ctx.sessions() as session:
+        endpoint = _live_endpoint(session, endpoint_id)
+        session.expunge(endpoint)
+        return endpoint
 
 
 def _live_endpoint(session: Session, endpoint_id: int) -> Endpoint:
