@@ -172,6 +172,8 @@ def test_every_documented_command_is_registered(cli: Cli) -> None:
         "refund",
         "resume",
         "clock",
+        "webhooks",
+        "events",
     } <= names
     for group, subs in {
         "plans": {"create", "list"},
@@ -180,6 +182,8 @@ def test_every_documented_command_is_registered(cli: Cli) -> None:
         "subscriptions": {"create", "list", "cancel"},
         "review": {"list", "resolve"},
         "clock": {"show", "advance"},
+        "webhooks": {"add", "list", "remove", "test", "replay", "rotate-secret", "listen"},
+        "events": {"list", "tail"},
     }.items():
         command = main.commands[group]
         assert isinstance(command, click.Group)
