@@ -1,8 +1,10 @@
 """`billing demo`: months of billing in a few minutes, on the embedded default, with real Celery processes.
 
-The demo starts the emulator, migrates the database, seeds customers with a mix of test cards, runs a real
+The demo starts the emulator, migrates the database, registers a webhook receiver (an in-process
+`billing webhooks listen` on a free loopback port), seeds customers with a mix of test cards, runs a real
 `celery worker` and `celery beat`, moves the shared test clock (and the emulator's) forward through several
-months, and ends with a report by errorCode and a reconciliation of the emulator's ledger against the database.
+months, and ends with a report by errorCode, a reconciliation of the emulator's ledger against the database, and
+the events the receiver got (each verified, each subscription's in order, none missing).
 """
 
 from __future__ import annotations
@@ -11,10 +13,11 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -26,8 +29,18 @@ from sqlalchemy.orm import Session
 
 from billing.config import Settings
 from billing.db.control import DatabaseClock
-from billing.db.models import ChargeAttempt, Invoice, OutboxMessage, Refund, Subscription
+from billing.db.models import (
+    ChargeAttempt,
+    Delivery,
+    Endpoint,
+    Invoice,
+    OutboxMessage,
+    Refund,
+    StreamEvent,
+    Subscription,
+)
 from billing.domain.money import Money
+from billing.listener import Heard, Listener, summary
 
 APPROVING = "4111111111111111"
 # (label, card number, how many customers)
@@ -48,6 +61,58 @@ CARD_MIX: tuple[tuple[str, str, int], ...] = (
 class DemoResult:
     ok: bool
     lines: list[str] = field(default_factory=list)
+
+
+EVENT_LINES_SHOWN = 5
+
+
+@dataclass
+class Received:
+    """What the demo's webhook receiver heard, in arrival order."""
+
+    heard: list[Heard] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __call__(self, heard: Heard) -> None:
+        with self.lock:
+            self.heard.append(heard)
+
+    def report(self, session: Session, endpoint_id: int, from_offset: int) -> tuple[bool, list[str]]:
+        """Counts per type, and whether every event of the stream since the endpoint was added arrived verified
+        and each subscription's events in order (subscription_seq 1, 2, 3 ... as first received)."""
+        with self.lock:
+            heard = list(self.heard)
+        verified = [h for h in heard if h.body is not None]
+        first: dict[str, dict[str, Any]] = {}
+        for h in verified:
+            assert h.body is not None
+            first.setdefault(h.webhook_id, h.body)
+        expected = set(
+            session.execute(select(StreamEvent.event_id).where(StreamEvent.stream_offset > from_offset)).scalars()
+        )
+        seqs: dict[int, list[int]] = {}
+        for body in first.values():
+            if body.get("subscription_id") is not None:
+                seqs.setdefault(int(body["subscription_id"]), []).append(int(body["subscription_seq"]))
+        out_of_order = sorted(s for s, got in seqs.items() if got != sorted(got) or len(set(got)) != len(got))
+        missing = expected - set(first)
+        rejected = len(heard) - len(verified)
+        lines = [f"{n:>6}  {t}" for t, n in sorted(Counter(b["type"] for b in first.values()).items())]
+        lines.append(
+            f"{len(first):>6}  in all ({len(verified)} requests to endpoint {endpoint_id}, "
+            + ("every signature verified" if not rejected else f"{rejected} with a bad signature")
+            + f", {len(verified) - len(first)} repeated)"
+        )
+        lines += ["first lines as `billing webhooks listen` prints them:"]
+        lines += [f"  {summary(h)}" for h in verified[:EVENT_LINES_SHOWN]]
+        ok = not missing and not rejected and not out_of_order and bool(expected)
+        if missing:
+            lines.append(f"MISSING: {len(missing)} of the {len(expected)} events in the stream never arrived")
+        if out_of_order:
+            lines.append(f"OUT OF ORDER: the events of subscriptions {out_of_order[:10]}")
+        if not expected:
+            lines.append("NO EVENTS: the stream is empty")
+        return ok, lines
 
 
 def _free_port() -> int:
@@ -131,12 +196,12 @@ def reconcile_ledger(session: Session, sandbox_url: str) -> tuple[bool, list[str
 
 
 def run_demo(months: int = 3, echo: Callable[[str], None] = click.echo) -> bool:
-    """Run the whole demo; True when the ledger and the database agree."""
+    """Run the whole demo; True when the ledger and the database agree and every event reached the receiver."""
     from billing.bootstrap import build_context
     from billing.db.migrate import upgrade
     from billing.gateway import TpagaClient
     from billing.sandbox.server import DEFAULT_PRIVATE_KEY, DEFAULT_PUBLIC_KEY, SandboxConfig, SandboxThread
-    from billing.services import catalog, reports
+    from billing.services import catalog, delivery, reports
     from billing.services.subscriptions import cancel_subscription
 
     started = time.monotonic()
@@ -144,7 +209,8 @@ def run_demo(months: int = 3, echo: Callable[[str], None] = click.echo) -> bool:
     os.makedirs("demo-logs", exist_ok=True)
     sandbox = SandboxThread(SandboxConfig(port=_free_port()))
     sandbox.start()
-    try:
+    with ExitStack() as stack:  # unwinds the receiver and its endpoint, then the emulator
+        stack.callback(sandbox.stop)
         env = dict(os.environ)
         env.update(
             DATABASE_URL=base.database_url,
@@ -158,6 +224,7 @@ def run_demo(months: int = 3, echo: Callable[[str], None] = click.echo) -> bool:
             BILLING_BEAT_REFUNDS_SECONDS="2",
             BILLING_BEAT_RECONCILE_SECONDS="3",
             BILLING_BEAT_OUTBOX_SECONDS="2",
+            BILLING_BEAT_EVENTS_SECONDS="1",
             PYTHONUNBUFFERED="1",
         )
         settings = Settings.from_env(env)
@@ -168,6 +235,16 @@ def run_demo(months: int = 3, echo: Callable[[str], None] = click.echo) -> bool:
         ctx = build_context(settings, gateway=client)
         assert isinstance(ctx.clock, DatabaseClock)
         clock = ctx.clock
+        # The receiver an integrator would run: the endpoint gets every event from here on.
+        secret = delivery.new_secret()
+        received = Received()
+        listener = Listener([secret], received).start()
+        stack.callback(listener.stop)
+        endpoint = delivery.add_endpoint(ctx, listener.url, secret=secret)
+        stack.callback(delivery.remove_endpoint, ctx, endpoint.endpoint_id)
+        with ctx.sessions() as session:
+            from_offset = session.get_one(Endpoint, endpoint.endpoint_id).from_offset
+        echo(f"[demo] webhook receiver at {listener.url} (endpoint {endpoint.endpoint_id}, every event)")
 
         def advance(delta: timedelta, label: str) -> None:
             clock.advance(delta)
@@ -263,6 +340,7 @@ def run_demo(months: int = 3, echo: Callable[[str], None] = click.echo) -> bool:
                 advance(timedelta(days=31), f"month {month}: renewals")
                 settle(f"month {month}")
             _wait(lambda: _outbox_empty(ctx), 30, "the outbox to drain")
+            _wait(lambda: _stream_delivered(ctx, endpoint.endpoint_id), 60, "the event stream to reach the receiver")
         with ctx.sessions() as session:
             echo("\nOutcomes by errorCode:")
             echo(f"  {'errorCode':<10}{'class':<10}{'state':<10}{'count':>6}")
@@ -271,16 +349,20 @@ def run_demo(months: int = 3, echo: Callable[[str], None] = click.echo) -> bool:
             status = reports.status(session)
             echo(f"\nStatus: {status['invoices']}; review queue {status['review']}; refunds {status['refunds']}")
             ok, lines = reconcile_ledger(session, sandbox.base_url)
+            events_ok, event_lines = received.report(session, endpoint.endpoint_id, from_offset)
         echo("\nLedger reconciliation:")
         for line in lines:
             echo(f"  {line}")
+        echo("\nEvents the webhook receiver got:")
+        for line in event_lines:
+            echo(f"  {line}")
         echo(
-            f"\n[demo] {'OK' if ok else 'FAILED'}: ledger and database "
-            f"{'agree' if ok else 'disagree'}; took {time.monotonic() - started:.0f}s"
+            f"\n[demo] {'OK' if ok and events_ok else 'FAILED'}: ledger and database "
+            f"{'agree' if ok else 'disagree'}; "
+            f"{'every event reached the receiver, in order' if events_ok else 'the event stream fell short'}; "
+            f"took {time.monotonic() - started:.0f}s"
         )
-        return ok
-    finally:
-        sandbox.stop()
+        return ok and events_ok
 
 
 def _plan(ctx: Any, catalog: Any) -> int:
@@ -307,3 +389,13 @@ def _outbox_empty(ctx: Any) -> bool:
         return not session.execute(
             select(func.count(OutboxMessage.id)).where(OutboxMessage.published_at.is_(None))
         ).scalar_one()
+
+
+def _stream_delivered(ctx: Any, endpoint_id: int) -> bool:
+    """Every committed event numbered, and none waiting for the endpoint."""
+    with ctx.sessions() as session:
+        unsequenced = session.execute(select(StreamEvent.id).where(StreamEvent.stream_offset.is_(None)).limit(1))
+        pending = session.execute(
+            select(Delivery.stream_offset).where(Delivery.endpoint_id == endpoint_id, Delivery.state == "pending")
+        )
+        return unsequenced.first() is None and pending.first() is None

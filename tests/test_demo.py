@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +24,12 @@ def test_the_demo_runs_months_of_billing_and_the_ledger_agrees_with_the_database
     # every scenario of the demo happened
     assert "recovers on retry" in out and "voided" in out and "expired" in out
     assert "43        hard      declined" in out and "9999      unknown   unknown" in out
+    # the webhook receiver got the stream: every event, verified, each subscription's in order
+    assert "every event reached the receiver, in order" in out
+    received = out.split("Events the webhook receiver got:")[1]
+    assert re.search(r"^ +\d+  invoice\.paid$", received, re.M)
+    assert re.search(r"^ +\d+  in all \(\d+ requests to endpoint \d+, every signature verified,", received, re.M)
+    assert re.search(r"^ +200  #\d+  invoice\.paid  sub \d+ seq 1  ", received, re.M)
     assert (tmp_path / "billing.db").exists() and (tmp_path / "celery-broker.db").exists()
     logs = (tmp_path / "demo-logs" / "worker.log").read_text()
     assert "d13fr8n7vhvkuch3lq2ds5qhjnd2pdd2" not in logs  # the private key never reaches the worker's log
