@@ -365,6 +365,15 @@ def test_events_tail_follows_new_events_in_offset_order(
     assert len(tail.out) == 4 and len(follow.out) == 4
 
 
+def test_reading_commands_fail_cleanly_before_following_anything(cli: Cli, tmp_path: Path) -> None:
+    cli.fails("events", "tail", "--type", "invoice paid", match="'invoice paid' is not an event type", code=2)
+    cli.fails("events", "tail", "--from-offset", "0", match="--from-offset", code=2)
+    cli.fails("events", "list", "--subscription", "0", match="--subscription", code=2)
+    fresh = Cli({"DATABASE_URL": f"sqlite:///{tmp_path}/never-migrated.db", "BILLING_CLOCK": None})
+    for args in (["events", "tail"], ["events", "list"], ["webhooks", "list"]):
+        fresh.fails(*args, match="run `billing db upgrade` first")
+
+
 # --- replay, through a real worker -----------------------------------------------------------------------
 
 
