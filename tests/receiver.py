@@ -55,7 +55,7 @@ class Receiver:
                 try:
                     body = webhook.verify(raw, headers)
                     verified = True
-                except WebhookVerificationError:
+                except (WebhookVerificationError, ValueError):  # ValueError: a malformed signature header
                     body, verified = json.loads(raw or b"{}"), False
                 with receiver._lock:
                     attempt = 1 + sum(1 for r in receiver.received if r.webhook_id == headers.get("webhook-id"))

@@ -183,12 +183,11 @@ def list_endpoints(ctx: Context) -> list[dict[str, Any]]:
         for endpoint in session.execute(
             select(Endpoint).where(Endpoint.removed_at.is_(None)).order_by(Endpoint.id)
         ).scalars():
-            pending = session.execute(
-                select(Delivery.stream_offset)
-                .where(Delivery.endpoint_id == endpoint.id, Delivery.state == "pending")
-                .order_by(Delivery.stream_offset)
-            ).scalars()
-            backlog = list(pending)
+            count, oldest = session.execute(
+                select(func.count(), func.min(Delivery.stream_offset)).where(
+                    Delivery.endpoint_id == endpoint.id, Delivery.state == "pending"
+                )
+            ).one()
             rows.append(
                 {
                     "endpoint_id": endpoint.id,
@@ -197,8 +196,8 @@ def list_endpoints(ctx: Context) -> list[dict[str, Any]]:
                     "events": endpoint.event_types or "all",
                     "status": endpoint.status,
                     "failing_since": endpoint.failing_since.isoformat() if endpoint.failing_since else None,
-                    "pending": len(backlog),
-                    "oldest_pending_offset": backlog[0] if backlog else None,
+                    "pending": int(count),
+                    "oldest_pending_offset": oldest,
                 }
             )
         return rows
