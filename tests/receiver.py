@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -21,6 +22,10 @@ class Received:
     body: dict[str, Any]
     verified: bool
     status: int
+    # Arrival order (0, 1, 2 ...) and the how-manieth request for this webhook-id, both counted when the request
+    # came in: `received` is in order of the answers, which a slow answer puts late.
+    arrival: int = 0
+    attempt: int = 1
 
 
 @dataclass
@@ -32,6 +37,7 @@ class Receiver:
     decide: Callable[[dict[str, Any], int], int] | None = None
     received: list[Received] = field(default_factory=list)
     bad_signatures: int = 0
+    _arrivals: Counter[str] = field(default_factory=Counter)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _server: ThreadingHTTPServer | None = None
 
@@ -57,13 +63,16 @@ class Receiver:
                     verified = True
                 except (WebhookVerificationError, ValueError):  # ValueError: a malformed signature header
                     body, verified = json.loads(raw or b"{}"), False
+                webhook_id = str(headers.get("webhook-id"))
                 with receiver._lock:
-                    attempt = 1 + sum(1 for r in receiver.received if r.webhook_id == headers.get("webhook-id"))
+                    arrival = sum(receiver._arrivals.values())
+                    receiver._arrivals[webhook_id] += 1
+                    attempt = receiver._arrivals[webhook_id]
                 status = 200 if receiver.decide is None else receiver.decide(body, attempt)
                 if not verified:
                     status = 400
                 with receiver._lock:
-                    receiver.received.append(Received(str(headers.get("webhook-id")), body, verified, status))
+                    receiver.received.append(Received(webhook_id, body, verified, status, arrival, attempt))
                     if not verified:
                         receiver.bad_signatures += 1
                 try:
