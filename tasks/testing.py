@@ -48,9 +48,13 @@ def process_env(extra: Mapping[str, str]) -> dict[str, str]:
 
 
 class CeleryProcess:
-    """`python -m celery -A tasks <args>` in a new session (so the whole group can be signalled)."""
+    """`python -m celery -A tasks <args>` in a new session (so the whole group can be signalled); `app` names
+    another Celery app (a test's foreign consumer)."""
 
-    def __init__(self, args: Sequence[str], env: Mapping[str, str], log_path: Path, cwd: Path | None = None) -> None:
+    def __init__(
+        self, args: Sequence[str], env: Mapping[str, str], log_path: Path, cwd: Path | None = None, app: str = "tasks"
+    ) -> None:
+        self.app = app
         self.args = list(args)
         self.env = dict(env)
         self.log_path = log_path
@@ -61,7 +65,7 @@ class CeleryProcess:
     def start(self) -> CeleryProcess:
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "tasks", *self.args],
+            [sys.executable, "-m", "celery", "-A", self.app, *self.args],
             env=self.env,
             cwd=self.cwd,
             stdout=self._log,
