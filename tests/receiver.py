@@ -99,6 +99,11 @@ class Receiver:
             self._server.shutdown()
             self._server.server_close()
 
+    def arrived(self) -> int:
+        """How many requests have come in so far (answered or not)."""
+        with self._lock:
+            return sum(self._arrivals.values())
+
     def acknowledged(self) -> list[Received]:
         with self._lock:
             return [r for r in self.received if 200 <= r.status < 300]
