@@ -12,19 +12,21 @@ import itertools
 import random
 import threading
 import time
+import uuid
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
+from typing import Any
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 
 from billing.bootstrap import build_context
 from billing.clock import TestClock
 from billing.config import Settings
 from billing.db import migrate
-from billing.db.models import StreamEvent
-from billing.services import stream
+from billing.db.models import Delivery, Endpoint, StreamEvent
+from billing.services import delivery, stream
 from billing.services.context import Context
 from tests.fakes import FakeGateway
 
@@ -154,3 +156,107 @@ def test_a_consumer_polling_by_offset_sees_every_event_once_while_writers_commit
     assert inversions > 0, "every transaction committed in id order: the test proved nothing"
     with ctx.sessions() as session:
         assert session.execute(select(func.count()).select_from(StreamEvent)).scalar_one() == len(written)
+
+
+# --- endpoints added or removed while a sequencer fans out ----------------------------------------------------
+
+
+class FanOutHeld:
+    """Holds a sequencer's transaction open right after its fan-out (the numbers and the deliveries for the
+    endpoints it saw are written, not committed) until released."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.reached, self.release = threading.Event(), threading.Event()
+        original = stream._fan_out
+
+        def held(*args: Any, **kwargs: Any) -> None:
+            original(*args, **kwargs)
+            self.reached.set()
+            self.release.wait(30)
+
+        monkeypatch.setattr(stream, "_fan_out", held)
+
+
+def emit_committed(ctx: Context, count: int) -> None:
+    for n in range(count):
+        with ctx.unit_of_work() as session:
+            stream.emit(session, ctx.clock.now(), "invoice.paid", subscription_id=1, invoice_id=n)
+
+
+def while_a_sequencer_fans_out(ctx: Context, pg_url: str, monkeypatch: pytest.MonkeyPatch, change: Any) -> Any:
+    """Run `change(other_ctx)` while a sequencer's transaction is held after its fan-out; return its result once
+    both have finished. The change runs on its own connection; it may wait for the sequencer (a lock) or not."""
+    tag = f"evchange{uuid.uuid4().hex[:8]}"
+    other = build_context(
+        Settings(database_url=f"{pg_url}&application_name={tag}"),
+        gateway=FakeGateway(),
+        clock=ctx.clock,
+    )
+    hold = FanOutHeld(monkeypatch)
+    sequencer = threading.Thread(target=stream.sequence, args=(ctx,))
+    sequencer.start()
+    assert hold.reached.wait(30)
+    result: dict[str, Any] = {}
+    changer = threading.Thread(target=lambda: result.setdefault("value", change(other)))
+    changer.start()
+    try:
+        # Until the change has finished, or waits for a lock the sequencer holds.
+        while changer.is_alive():
+            with ctx.sessions() as session:
+                waiting = session.execute(
+                    text(
+                        "select count(*) from pg_stat_activity where application_name = :tag "
+                        "and wait_event_type = 'Lock'"
+                    ),
+                    {"tag": tag},
+                ).scalar_one()
+            if waiting:
+                break
+            time.sleep(0.01)
+    finally:
+        hold.release.set()
+        sequencer.join(30)
+        changer.join(30)
+        monkeypatch.undo()
+        other.sessions.kw["bind"].dispose()
+    return result["value"]
+
+
+def test_an_endpoint_added_while_a_sequencer_fans_out_gets_every_event_after_its_from_offset(
+    ctx: Context, pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given three events numbered and three more committed, a sequencer numbering those three right now
+    emit_committed(ctx, 3)
+    assert stream.sequence(ctx) == 3
+    emit_committed(ctx, 3)
+    # When an endpoint is added at that moment
+    added = while_a_sequencer_fans_out(
+        ctx, pg_url, monkeypatch, lambda other: delivery.add_endpoint(other, "http://127.0.0.1:9/hooks")
+    )
+    emit_committed(ctx, 1)
+    stream.sequence(ctx)
+    # Then it is queued exactly the events after its from_offset: none is skipped in between
+    with ctx.sessions() as session:
+        endpoint = session.get_one(Endpoint, added.endpoint_id)
+        queued = set(
+            session.execute(select(Delivery.stream_offset).where(Delivery.endpoint_id == endpoint.id)).scalars()
+        )
+    assert queued == set(range(endpoint.from_offset + 1, 8)), (endpoint.from_offset, sorted(queued))
+
+
+def test_an_endpoint_removed_while_a_sequencer_fans_out_is_left_nothing_to_send(
+    ctx: Context, pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given an endpoint and committed events a sequencer is numbering (and fanning out to it) right now
+    endpoint = delivery.add_endpoint(ctx, "http://127.0.0.1:9/hooks")
+    emit_committed(ctx, 3)
+    # When the endpoint is removed at that moment
+    while_a_sequencer_fans_out(
+        ctx, pg_url, monkeypatch, lambda other: delivery.remove_endpoint(other, endpoint.endpoint_id)
+    )
+    # Then nothing is left pending for it (it would be retried for as long as events are kept, and keep them)
+    with ctx.sessions() as session:
+        pending = session.execute(
+            select(func.count()).where(Delivery.endpoint_id == endpoint.endpoint_id, Delivery.state == "pending")
+        ).scalar_one()
+    assert pending == 0
