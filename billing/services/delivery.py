@@ -133,7 +133,7 @@ def add_endpoint(
             secret=secret,
             event_types=list(event_types) if event_types is not None else None,
             status="active",
-            from_offset=stream.last_offset(session),
+            from_offset=stream.hold_numbering(session, now),
             created_at=now,
         )
         session.add(endpoint)
@@ -145,6 +145,7 @@ def remove_endpoint(ctx: Context, endpoint_id: int) -> None:
     """Stop delivering to it (its pending deliveries are dropped with it)."""
     now = ctx.clock.now()
     with ctx.unit_of_work() as session:
+        stream.hold_numbering(session, now)
         endpoint = session.get(Endpoint, endpoint_id)
         if endpoint is None or endpoint.removed_at is not None:
             raise NotFound(f"endpoint {endpoint_id} does not exist")

@@ -120,8 +120,9 @@ def sequence(ctx: Context, *, limit: int = SEQUENCE_BATCH) -> int:
         return len(events)
 
 
-def _lock_counter(session: Session, now: datetime) -> int | None:
-    """The last offset given, with its row locked for this transaction; None if another sequencer has it."""
+def _lock_counter(session: Session, now: datetime, *, wait: bool = False) -> int | None:
+    """The last offset given, with its row locked for this transaction; None if another sequencer has it
+    (unless `wait`)."""
     bulk.insert_rows(
         session,
         Control,
@@ -130,9 +131,17 @@ def _lock_counter(session: Session, now: datetime) -> int | None:
         conflict_columns=("key",),
     )
     value = session.execute(
-        select(Control.value).where(Control.key == OFFSET_KEY).with_for_update(skip_locked=True)
+        select(Control.value).where(Control.key == OFFSET_KEY).with_for_update(skip_locked=not wait)
     ).scalar_one_or_none()
     return None if value is None else int(value)
+
+
+def hold_numbering(session: Session, now: datetime) -> int:
+    """Wait for a sequencer at work and keep the next one out until this transaction ends; the last offset
+    given. Adding or removing an endpoint under it: a sequencer that read the endpoints before the change
+    committed would otherwise queue nothing for an endpoint added with an older from_offset, or queue for one
+    just removed (retried for ever, its events never purged)."""
+    return _lock_counter(session, now, wait=True) or 0  # it waited: never None
 
 
 def _last_seqs(session: Session, subscription_ids: set[int]) -> dict[int, int]:
