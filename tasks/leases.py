@@ -39,3 +39,13 @@ def release(ctx: Context, name: str, holder: str) -> None:
         row = session.get(Control, PREFIX + name, with_for_update=True)
         if row is not None and row.value == holder[:200]:
             row.updated_at = datetime.fromtimestamp(0, UTC)
+
+
+def renew(ctx: Context, name: str, holder: str) -> bool:
+    """Extend the lease from now if `holder` still has it (a long run keeps it while it works)."""
+    with ctx.sessions() as session, session.begin():
+        row = session.get(Control, PREFIX + name, with_for_update=True)
+        if row is None or row.value != holder[:200]:
+            return False
+        row.updated_at = ctx.clock.now()
+        return True

@@ -155,6 +155,8 @@ def _webhook_sender() -> Any:
 
 
 DELIVERY_LOOP_SECONDS = 20.0
+# Renewed after every pass: a loop whose worker was killed blocks the next one for this long at most.
+DELIVERY_LEASE = timedelta(seconds=15)
 
 
 @task(names.DELIVER_EVENTS, bind=True)
@@ -162,13 +164,13 @@ def deliver_events(self: Task) -> dict[str, Any]:
     """Number the events committed since the last pass and deliver what is due, pass after pass while there is
     work (up to DELIVERY_LOOP_SECONDS); at most once an hour, forget events past the retention.
 
-    One loop at a time (a lease a little longer than the loop, given back when it ends, so beat's next tick
+    One loop at a time (a lease renewed after each pass and given back when the loop ends, so beat's next tick
     starts the next loop at once); a second beat's tick, or one that finds a loop running, is a no-op. The
     loop's own passes are safe to overlap anyway (the heads are claimed with SKIP LOCKED).
     """
     ctx = runtime.context()
     holder = str(self.request.id)
-    if not leases.acquire(ctx, names.DELIVER_EVENTS, timedelta(seconds=DELIVERY_LOOP_SECONDS + 15), holder=holder):
+    if not leases.acquire(ctx, names.DELIVER_EVENTS, DELIVERY_LEASE, holder=holder):
         return {"skipped": "another delivery loop is running"}
     settings = runtime.task_settings
     totals = {"delivered": 0, "failed": 0, "passes": 0}
@@ -178,6 +180,7 @@ def deliver_events(self: Task) -> dict[str, Any]:
         while True:
             done = delivery.deliver_due(ctx, sender, threads=settings.delivery_threads)
             totals["passes"] += 1
+            leases.renew(ctx, names.DELIVER_EVENTS, holder)
             totals["delivered"] += done["delivered"]
             totals["failed"] += done["failed"]
             if done["delivered"] + done["failed"] == 0:

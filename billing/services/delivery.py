@@ -17,8 +17,9 @@ from __future__ import annotations
 import logging
 import random
 import secrets
+import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -41,7 +42,11 @@ log = logging.getLogger("billing.delivery")
 RETRY_SCHEDULE = (5, 30, 120, 600, 1800, 3600, 3 * 3600, 6 * 3600, 12 * 3600, 12 * 3600, 12 * 3600, 12 * 3600)
 LATER_RETRY_SECONDS = 12 * 3600
 FAILING_AFTER = 5
-CLAIM_LEASE = timedelta(seconds=60)
+# Longer than one send can take (connect 3.05 s + read 10 s), short enough that a head claimed by a worker that
+# was killed goes out again soon.
+CLAIM_LEASE = timedelta(seconds=20)
+RECORD_GROUP = 50
+RECORD_EVERY_SECONDS = 0.1
 EVENT_TYPES_MAX = 64
 
 
@@ -346,12 +351,29 @@ def deliver_due(ctx: Context, send: Send, *, limit: int = 200, threads: int = 16
             return claim, f"error: {type(exc).__name__}"
         return claim, None
 
+    totals = {"delivered": 0, "failed": 0}
+
+    def record(results: list[tuple[Claimed, str | None]]) -> None:
+        for key, value in _record(ctx, results).items():
+            totals[key] += value
+
     if len(claimed) == 1 or threads <= 1:
-        results = [attempt(c) for c in claimed]
-    else:
-        with ThreadPoolExecutor(max_workers=min(threads, len(claimed))) as pool:
-            results = list(pool.map(attempt, claimed))
-    return _record(ctx, results)
+        for claim in claimed:
+            record([attempt(claim)])
+        return totals
+    # Outcomes are recorded as they come, in small groups: a slow receiver holds back only its own events,
+    # and a worker killed while it waits loses no acknowledgement already received.
+    with ThreadPoolExecutor(max_workers=min(threads, len(claimed))) as pool:
+        waiting: list[tuple[Claimed, str | None]] = []
+        flushed_at = time.monotonic()
+        for future in as_completed([pool.submit(attempt, c) for c in claimed]):
+            waiting.append(future.result())
+            if len(waiting) >= RECORD_GROUP or time.monotonic() - flushed_at > RECORD_EVERY_SECONDS:
+                record(waiting)
+                waiting, flushed_at = [], time.monotonic()
+        if waiting:
+            record(waiting)
+    return totals
 
 
 def _record(ctx: Context, results: list[tuple[Claimed, str | None]]) -> dict[str, int]:
@@ -362,13 +384,24 @@ def _record(ctx: Context, results: list[tuple[Claimed, str | None]]) -> dict[str
         for claim in delivered:
             session.execute(
                 update(Delivery)
-                .where(Delivery.endpoint_id == claim.endpoint_id, Delivery.stream_offset == claim.stream_offset)
+                .where(
+                    Delivery.endpoint_id == claim.endpoint_id,
+                    Delivery.stream_offset == claim.stream_offset,
+                    Delivery.state == "pending",
+                )
                 .values(state="delivered", delivered_at=now, last_error=None)
             )
         for claim, error in failed:
+            # Only the claim's own attempt: after its lease ran out another pass may have re-claimed the head
+            # (attempts moved on) or delivered it.
             session.execute(
                 update(Delivery)
-                .where(Delivery.endpoint_id == claim.endpoint_id, Delivery.stream_offset == claim.stream_offset)
+                .where(
+                    Delivery.endpoint_id == claim.endpoint_id,
+                    Delivery.stream_offset == claim.stream_offset,
+                    Delivery.state == "pending",
+                    Delivery.attempts == claim.attempts,
+                )
                 .values(next_attempt_at=now + retry_delay(claim.attempts), last_error=error)
             )
         recovered = {c.endpoint_id for c in delivered}
