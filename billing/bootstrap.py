@@ -46,4 +46,7 @@ def build_context(
         sending_lease=timedelta(seconds=settings.sending_lease_seconds),
         answer_time=timedelta(seconds=settings.connect_timeout_seconds + settings.read_timeout_seconds),
         publisher=publisher,
+        card_expiring_notice=timedelta(days=settings.card_expiring_days),
+        trial_notice=timedelta(days=settings.trial_notice_days),
+        renewal_notice=timedelta(days=settings.renewal_notice_days),
     )

@@ -111,6 +111,10 @@ class Settings:
     sending_lease_seconds: int = 300
     gateway_rate_limit_per_second: float = 0.0
     rate_limit_max_wait_seconds: float = DEFAULT_RATE_LIMIT_MAX_WAIT_SECONDS
+    # Advance notices in the event stream (docs/events.md), days ahead; 0 turns one off.
+    card_expiring_days: int = 30
+    trial_notice_days: int = 3
+    renewal_notice_days: int = 7
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> Settings:
@@ -153,6 +157,9 @@ class Settings:
             rate_limit_max_wait_seconds=_float(
                 env, "TPAGA_RATE_LIMIT_MAX_WAIT", DEFAULT_RATE_LIMIT_MAX_WAIT_SECONDS, 0.0
             ),
+            card_expiring_days=_int(env, "BILLING_CARD_EXPIRING_DAYS", 30, 0),
+            trial_notice_days=_int(env, "BILLING_TRIAL_NOTICE_DAYS", 3, 0),
+            renewal_notice_days=_int(env, "BILLING_RENEWAL_NOTICE_DAYS", 7, 0),
         )
         minimum = settings.minimum_sending_lease_seconds()
         if settings.sending_lease_seconds < minimum:

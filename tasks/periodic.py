@@ -13,7 +13,7 @@ from celery import Task
 from kombu.exceptions import ChannelError
 
 from billing.db import control
-from billing.services import commands, delivery, invoicing, pause, reconcile, stream, voids
+from billing.services import commands, delivery, invoicing, notices, pause, reconcile, stream, voids
 from billing.services.context import Context
 from billing.services.outbox import relay_outbox as relay_outbox_service
 from tasks import config as names
@@ -81,7 +81,14 @@ def open_due_invoices(ctx: Context) -> dict[str, Any]:
         passes += 1
         if count == 0 or time.monotonic() > deadline:
             break
-    return {"opened": opened, "passes": passes, "resumed": resumed}
+    report: dict[str, Any] = {"opened": opened, "passes": passes, "resumed": resumed}
+    # The advance notices have a day's granularity: a scan a minute is plenty, whatever the beat interval.
+    if leases.acquire(ctx, "billing.notices", NOTICE_EVERY, holder=f"open-{time.time_ns()}"):
+        report["notices"] = notices.send_notices(ctx)
+    return report
+
+
+NOTICE_EVERY = timedelta(seconds=60)
 
 
 @_periodic(names.ENQUEUE_DUE_INVOICES)

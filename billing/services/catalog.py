@@ -14,7 +14,7 @@ from billing.db.models import Card, Customer, Invoice, Plan, Subscription
 from billing.domain.money import Money, MoneyError
 from billing.domain.periods import Interval, period_boundary, trial_end
 from billing.domain.states import CardStatus, InvoiceState, SubscriptionStatus
-from billing.services import events
+from billing.services import events, stream
 from billing.services.cards import usable_card_of_customer
 from billing.services.context import Context, enqueue
 from billing.services.errors import InvalidRequest, NotFound
@@ -111,7 +111,23 @@ def create_customer(
         )
         session.add(customer)
         session.flush()
+        emit_customer(session, now, "customer.created", customer)
         return customer.id
+
+
+def emit_customer(session: Session, now: datetime, type_: str, customer: Customer, **extra: object) -> None:
+    """customer.created / customer.updated with the customer's contact fields (what an app mails to)."""
+    stream.emit(
+        session,
+        now,
+        type_,
+        customer_id=customer.id,
+        email=customer.email,
+        first_name=customer.first_name,
+        last_name=customer.last_name,
+        phone=customer.phone,
+        **extra,
+    )
 
 
 def attach_card(ctx: Context, *, customer_id: int, token: str) -> int:
@@ -238,4 +254,20 @@ def new_subscription(
     session.add(sub)
     session.flush()
     events.record(session, now, "subscription.created", subscription_id=sub.id, plan=plan.code)
+    # Access starts now: through the trial, or through the first period (its invoice is opened at the anchor).
+    first_end = trial_end_at or period_boundary(anchor, 1, Interval(plan.interval), plan.interval_count, ctx.timezone)
+    stream.emit(
+        session,
+        now,
+        "subscription.created",
+        subscription_id=sub.id,
+        status=str(sub.status),
+        plan_code=plan.code,
+        **stream.money(plan.amount_minor, plan.currency),
+        interval=str(plan.interval),
+        interval_count=plan.interval_count,
+        trial_end_at=stream.iso(trial_end_at),
+        next_billing_at=stream.iso(sub.next_billing_at),
+        entitlement=stream.entitlement(True, first_end),
+    )
     return sub

@@ -22,7 +22,7 @@ from billing.db.models import Card, CardToken, ChargeAttempt, Customer, Invoice,
 from billing.domain.periods import Interval, period_boundary, period_index_at
 from billing.domain.states import AttemptState, CardStatus, InvoiceState, SubscriptionStatus
 from billing.gateway import errors as gw
-from billing.services import catalog, events, subscriptions
+from billing.services import catalog, events, stream, subscriptions
 from billing.services.context import Context, enqueue
 from billing.services.errors import AnswerLost, InvalidRequest, NotFound, Waiting
 from billing.services.ledger import Meta, Scope, check_external_id, run
@@ -172,12 +172,16 @@ def upsert_customer(
                 session.flush()
             else:
                 scope.check_fresh("customer", external_id, customer.last_issued_at)
+                changed = []
                 for key, value in fields.items():
-                    if value is not None or key != "phone":
+                    if (value is not None or key != "phone") and getattr(customer, key) != value:
                         setattr(customer, key, value)
+                        changed.append(key)
                 customer.updated_at = now
                 customer.last_issued_at = scope.advance(customer.last_issued_at)
                 if customer.tpaga_customer_id is not None:
+                    if changed:
+                        catalog.emit_customer(session, now, "customer.updated", customer, changed=changed)
                     return scope.applied(session, now, _customer_result(customer, created=False))
                 lease = customer.tpaga_lease_expires_at
                 if lease is not None and lease > now:
@@ -231,6 +235,7 @@ def _create_at_tpaga(
         customer = session.get_one(Customer, customer_id)
         if completed:
             events.record(session, now, "customer.created", customer_id=customer_id, external_id=external_id)
+            catalog.emit_customer(session, now, "customer.created", customer)
         return scope.applied(session, now, _customer_result(customer, created=created))
 
 
@@ -383,6 +388,18 @@ def _associate(
             .values(state="attached", card_id=card.id, lease_expires_at=None, updated_at=now)
         )
         events.record(session, now, "card.attached", card_id=card.id, usable=usable)
+        stream.emit(
+            session,
+            now,
+            "card.attached",
+            customer_id=customer_id,
+            brand=card.brand,
+            last_four=card.last_four,
+            exp_month=card.exp_month,
+            exp_year=card.exp_year,
+            usable=usable,
+            error_code=card.unusable_code,
+        )
         if usable:
             catalog.retry_waiting_invoices(session, ctx, customer_id, card.id)
         return scope.applied(session, now, {"customer_id": customer_id, "card_id": card.id, "usable": usable})
@@ -598,6 +615,15 @@ def pause_subscription(
                     subscription_id=sub.id,
                     resumes_at=resumes_at.isoformat() if resumes_at else None,
                 )
+                stream.emit(
+                    session,
+                    now,
+                    "subscription.paused",
+                    subscription_id=sub.id,
+                    status=str(sub.status),
+                    resumes_at=stream.iso(resumes_at),
+                    entitlement=stream.subscription_entitlement(sub, now),
+                )
             sub.resumes_at = resumes_at
             sub.updated_at = now
             sub.last_issued_at = scope.advance(sub.last_issued_at)
@@ -683,6 +709,16 @@ def resume_locked(session: Session, ctx: Context, sub: Subscription, now: dateti
         if cas.update_while(session, Invoice, invoice_id, InvoiceState.OPEN, due_at=now, updated_at=now):
             enqueue(session, now, task_names.CHARGE_INVOICE, invoice_id=invoice_id)
     events.record(session, now, "subscription.resumed", subscription_id=sub.id, skipped_to_period=index)
+    stream.emit(
+        session,
+        now,
+        "subscription.resumed",
+        subscription_id=sub.id,
+        status=str(sub.status),
+        next_period_index=sub.next_period_index,
+        next_billing_at=stream.iso(sub.next_billing_at),
+        entitlement=stream.subscription_entitlement(sub, now),
+    )
     return True
 
 

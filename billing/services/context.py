@@ -93,6 +93,11 @@ class Context:
     # When this process last cleared a run of not-sent calls (monotonic seconds; see services.pause).
     reached_noted_at: float = float("-inf")
     publisher: Publisher | None = None
+    # How far ahead the stream's advance notices go out (card.expiring, subscription.trial_will_end,
+    # subscription.renewal_upcoming); zero turns one off.
+    card_expiring_notice: timedelta = timedelta(days=30)
+    trial_notice: timedelta = timedelta(days=3)
+    renewal_notice: timedelta = timedelta(days=7)
 
     @contextmanager
     def unit_of_work(self) -> Iterator[Session]:

@@ -11,6 +11,7 @@ compare-and-set on the old counter.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
@@ -22,7 +23,7 @@ from billing.db import bulk
 from billing.db.models import Invoice, Plan, Subscription
 from billing.domain.periods import Interval, due_period_indexes, period_at, period_boundary
 from billing.domain.states import InvoiceState, SubscriptionStatus
-from billing.services import events
+from billing.services import events, stream
 from billing.services.context import Context, enqueue
 
 # Catch-up after long downtime is bounded per pass so one subscription cannot hold a transaction forever.
@@ -86,6 +87,7 @@ def open_due_invoices(ctx: Context, *, limit: int = 500, batch_size: int = DEFAU
             for invoice_id, subscription_id, period in opened
         ]
         events.record_many(session, event_rows)
+        stream.emit_many(session, _stream_rows(now, subs, updates, invoices, opened))
         invoice_ids = [invoice_id for invoice_id, _, _ in opened]
         if batch_size <= 1:
             for invoice_id in invoice_ids:
@@ -133,6 +135,65 @@ def _plan_subscription(
         values.setdefault("status", SubscriptionStatus.ACTIVE)
     values["next_period_index"] = new_index
     return values
+
+
+def _stream_rows(
+    now: datetime,
+    subs: Sequence[Any],
+    updates: list[dict[str, Any]],
+    invoices: list[dict[str, Any]],
+    opened: list[tuple[int, int, int]],
+) -> list[dict[str, Any]]:
+    """The pass's stream events, per subscription in order: activated (its first period started, after a
+    trial or not), the invoices opened, canceled (a scheduled cancel reached its period end)."""
+    new_ids = {(sub, period): invoice_id for invoice_id, sub, period in opened}
+    by_sub: dict[int, list[dict[str, Any]]] = defaultdict(list)
+    for row in invoices:
+        if (row["subscription_id"], row["period_index"]) in new_ids:
+            by_sub[row["subscription_id"]].append(row)
+    rows: list[dict[str, Any]] = []
+    for sub, values in zip(subs, updates, strict=True):
+        mine = by_sub.get(sub.id, [])
+        if mine and mine[0]["period_index"] == 0:
+            first = mine[0]
+            rows.append(
+                stream.row(
+                    now,
+                    "subscription.activated",
+                    subscription_id=sub.id,
+                    status=str(SubscriptionStatus.ACTIVE),
+                    after_trial=sub.status == SubscriptionStatus.TRIALING,
+                    period_start=stream.iso(first["period_start"]),
+                    period_end=stream.iso(first["period_end"]),
+                    entitlement=stream.entitlement(True, first["period_end"]),
+                )
+            )
+        for invoice in mine:
+            rows.append(
+                stream.row(
+                    now,
+                    "invoice.opened",
+                    subscription_id=sub.id,
+                    invoice_id=new_ids[(sub.id, invoice["period_index"])],
+                    period_index=invoice["period_index"],
+                    period_start=stream.iso(invoice["period_start"]),
+                    period_end=stream.iso(invoice["period_end"]),
+                    **stream.money(invoice["amount_minor"], invoice["currency"]),
+                    due_at=stream.iso(invoice["due_at"]),
+                )
+            )
+        if values.get("status") == SubscriptionStatus.CANCELED:
+            rows.append(
+                stream.row(
+                    now,
+                    "subscription.canceled",
+                    subscription_id=sub.id,
+                    status=str(SubscriptionStatus.CANCELED),
+                    reason="period_end",
+                    entitlement=stream.entitlement(False, sub.cancel_at),
+                )
+            )
+    return rows
 
 
 def _insert_invoices(session: Session, rows: list[dict[str, Any]]) -> list[tuple[int, int, int]]:

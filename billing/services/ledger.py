@@ -27,7 +27,7 @@ from sqlalchemy.orm import Session
 
 from billing.db import bulk
 from billing.db.models import Command, CommandWait
-from billing.services import events
+from billing.services import events, stream
 from billing.services.context import Context
 from billing.services.errors import AnswerLost, InvalidRequest, ServiceError, Stale, Waiting
 
@@ -37,6 +37,8 @@ MAX_REQUEST_ID = 128
 APPLIED = "applied"
 REJECTED = "rejected"
 STALE = "stale"
+# Result keys the event stream leaves out (an app never gets a card id).
+STREAM_HIDDEN = frozenset({"card_id"})
 
 
 def check_external_id(name: str, value: object) -> str:
@@ -158,6 +160,20 @@ class Scope:
             data["result"] = result
         ids = {k: result[k] for k in ("subscription_id", "invoice_id") if isinstance(result.get(k), int)}
         events.record(session, now, kind, **ids, **data)
+        # The stream's copy is how a sender learns the outcome of a fire-and-forget command: in the order of
+        # the subscription (or customer) it changed, never with a card id.
+        owner = {k: result[k] for k in ("subscription_id", "customer_id") if isinstance(result.get(k), int)}
+        stream.emit(
+            session,
+            now,
+            kind,
+            **owner,
+            command=self.name,
+            request_id=self.meta.request_id,
+            status=status,
+            result={k: v for k, v in result.items() if k not in STREAM_HIDDEN} if error is None else None,
+            reason=error,
+        )
 
 
 def run(ctx: Context, scope: Scope, apply: Callable[[], dict[str, Any]]) -> dict[str, Any]:

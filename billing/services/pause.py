@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 from billing.db import control
 from billing.db.models import Control
 from billing.gateway import errors as gw
-from billing.services import events
+from billing.services import events, stream
 from billing.services.context import Context
 
 
@@ -38,6 +38,8 @@ def pause_billing(session: Session, now: datetime, reason: PauseReason, error_co
     payload = json.dumps({"reason": str(reason), "error_code": error_code, "since": now.isoformat()})
     if control.insert_if_absent(session, control.PAUSE_KEY, payload, now):
         events.record(session, now, "billing.paused", reason=str(reason), error_code=error_code)
+        # About no subscription or customer: ordered by offset among such events.
+        stream.emit(session, now, "billing.paused", reason=str(reason), error_code=error_code)
 
 
 UNREACHABLE_KEY = "gateway_unreachable_since"
@@ -71,11 +73,13 @@ def resume_billing(ctx: Context) -> bool:
     """Lift a pause; returns whether one was lifted."""
     now = ctx.clock.now()
     with ctx.unit_of_work() as session:
-        if control.get_pause(session) is None:
+        paused = control.get_pause(session)
+        if paused is None:
             return False
         control.delete_value(session, control.PAUSE_KEY)
         note_reached(ctx, session, force=True)
         events.record(session, now, "billing.resumed")
+        stream.emit(session, now, "billing.resumed", reason=paused.get("reason"), paused_since=paused.get("since"))
         return True
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import unicodedata
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -17,7 +18,7 @@ from billing import task_names
 from billing.db.models import ChargeAttempt, Invoice, Refund
 from billing.domain.refunds import refund_deadline
 from billing.domain.states import AttemptState, RefundState
-from billing.services import events
+from billing.services import events, stream
 from billing.services.context import Context, enqueue
 from billing.services.errors import InvalidRequest, NotFound
 
@@ -123,7 +124,9 @@ def open_refund(
         attempt_id=attempt_id,
         refund_id=refund.id,
     )
-    if not expired:
+    if expired:
+        emit_refunds(session, now, "refund.expired", [refund.id])
+    else:
         enqueue(session, now, task_names.EXECUTE_REFUND, refund_id=refund.id)
     return RefundOutcome(refund.id, refund.state, created=True, invoice_id=invoice_id)
 
@@ -144,3 +147,41 @@ def record_voided_at_gateway(session: Session, now: datetime, attempt_id: int, i
     session.add(refund)
     session.flush()
     events.record(session, now, "refund.voided", invoice_id=invoice_id, attempt_id=attempt_id, refund_id=refund.id)
+    emit_refunds(session, now, "refund.voided", [refund.id])
+
+
+def emit_refunds(session: Session, now: datetime, type_: str, refund_ids: Sequence[int]) -> None:
+    """refund.voided / .expired / .rejected for refunds that just reached that state, in the order of their
+    subscriptions (one read for all: refunds are not the charge path)."""
+    if not refund_ids:
+        return
+    rows = session.execute(
+        select(
+            Refund.id,
+            Refund.invoice_id,
+            Refund.charge_attempt_id,
+            Refund.reason,
+            Invoice.subscription_id,
+            Invoice.amount_minor,
+            Invoice.currency,
+        )
+        .join(Invoice, Invoice.id == Refund.invoice_id)
+        .where(Refund.id.in_(list(refund_ids)))
+        .order_by(Refund.id)
+    ).all()
+    stream.emit_many(
+        session,
+        [
+            stream.row(
+                now,
+                type_,
+                subscription_id=r.subscription_id,
+                refund_id=r.id,
+                invoice_id=r.invoice_id,
+                charge_id=r.charge_attempt_id,
+                **stream.money(r.amount_minor, r.currency),
+                reason=r.reason,
+            )
+            for r in rows
+        ],
+    )

@@ -25,10 +25,46 @@ from sqlalchemy.orm import Session
 
 from billing.db import bulk
 from billing.db.models import Control, Customer, Delivery, Endpoint, StreamEvent, Subscription
+from billing.domain.money import Money
 from billing.services.context import Context
 
 OFFSET_KEY = "stream.offset"
 SEQUENCE_BATCH = 1000
+
+# Every type an app can receive, each documented in docs/events.md (a test holds the two together). `row`
+# refuses any other: a new type is added here and documented before it can be emitted.
+CATALOGUE = (
+    "customer.created",
+    "customer.updated",
+    "card.attached",
+    "card.unusable",
+    "card.expiring",
+    "subscription.created",
+    "subscription.trial_will_end",
+    "subscription.renewal_upcoming",
+    "subscription.activated",
+    "subscription.past_due",
+    "subscription.recovered",
+    "subscription.unpaid",
+    "subscription.cancel_scheduled",
+    "subscription.canceled",
+    "subscription.paused",
+    "subscription.resumed",
+    "invoice.opened",
+    "invoice.paid",
+    "invoice.payment_failed",
+    "invoice.in_review",
+    "invoice.uncollectible",
+    "invoice.voided",
+    "refund.voided",
+    "refund.expired",
+    "refund.rejected",
+    "billing.paused",
+    "billing.resumed",
+    "command.applied",
+    "command.rejected",
+)
+_TYPES = frozenset(CATALOGUE)
 
 
 def new_event_id() -> str:
@@ -45,6 +81,8 @@ def row(
 ) -> dict[str, Any]:
     """One event as a row for `emit_many`. `data` holds what an app needs to act (docs/events.md): flat ids,
     amounts with currency, codes; never a card id, a token or a key."""
+    if type not in _TYPES:
+        raise ValueError(f"{type!r} is not in the event catalogue (stream.CATALOGUE, docs/events.md)")
     if subscription_id is not None:
         data["subscription_id"] = subscription_id
     if customer_id is not None:
@@ -67,6 +105,43 @@ def emit(session: Session, now: datetime, type: str, **fields: Any) -> None:
 def emit_many(session: Session, rows: Sequence[dict[str, Any]]) -> None:
     if rows:
         bulk.insert_rows(session, StreamEvent, rows)
+
+
+# --- data helpers: the same shapes in every event ----------------------------------------------------------
+
+
+def iso(when: datetime | None) -> str | None:
+    return when.isoformat() if when is not None else None
+
+
+def money(amount_minor: int, currency: str) -> dict[str, Any]:
+    """`amount` as a decimal string in major units (never a float) with its `currency`."""
+    return {"amount": str(Money(amount_minor, currency).major), "currency": currency}
+
+
+def entitlement(active: bool, until: datetime | None) -> dict[str, Any]:
+    """Whether the customer should have access now, and until when (when inactive: since when it ended)."""
+    return {"active": active, "until": iso(until)}
+
+
+def subscription_entitlement(sub: Any, now: datetime) -> dict[str, Any]:
+    """The entitlement of a subscription row (status, trial_end_at, current_period_end, next_billing_at,
+    cancel_at, canceled_at, paused_at), decided here once so that no app re-derives it: a trial and a period
+    being collected (past_due) still count; unpaid and canceled do not; a paused subscription keeps what it
+    paid for; a scheduled cancel ends access at the cancel time."""
+    status = str(sub.status)
+    if status == "canceled":
+        return entitlement(False, sub.canceled_at or now)
+    if status == "unpaid":
+        return entitlement(False, now)
+    if status == "trialing":
+        return entitlement(True, sub.cancel_at or sub.trial_end_at)
+    until = sub.current_period_end or sub.next_billing_at
+    if sub.cancel_at is not None:
+        until = sub.cancel_at
+    if sub.paused_at is not None:
+        return entitlement(sub.current_period_end is not None and sub.current_period_end > now, until)
+    return entitlement(True, until)
 
 
 # --- numbering ----------------------------------------------------------------------------------------------

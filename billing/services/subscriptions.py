@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 from billing.db import cas
 from billing.db.models import ChargeAttempt, Invoice, Subscription
 from billing.domain.states import InvoiceState, SubscriptionStatus
-from billing.services import events
+from billing.services import events, stream
 from billing.services.charging.attempts import IN_FLIGHT
 from billing.services.context import Context
 from billing.services.errors import InvalidRequest, NotFound
@@ -55,6 +55,15 @@ def cancel_subscription(
             sub.cancel_at = sub.next_billing_at
             sub.updated_at = now
             events.record(session, now, "subscription.cancel_scheduled", subscription_id=subscription_id)
+            stream.emit(
+                session,
+                now,
+                "subscription.cancel_scheduled",
+                subscription_id=subscription_id,
+                status=str(sub.status),
+                cancel_at=stream.iso(sub.cancel_at),
+                entitlement=stream.subscription_entitlement(sub, now),
+            )
             result = {
                 "subscription_id": subscription_id,
                 "status": sub.status,
@@ -65,6 +74,15 @@ def cancel_subscription(
             changed = _cancel_now(session, now, subscription_id)
             if changed:
                 events.record(session, now, "subscription.canceled", subscription_id=subscription_id)
+                stream.emit(
+                    session,
+                    now,
+                    "subscription.canceled",
+                    subscription_id=subscription_id,
+                    status=str(SubscriptionStatus.CANCELED),
+                    reason="requested",
+                    entitlement=stream.entitlement(False, now),
+                )
             result = {
                 "subscription_id": subscription_id,
                 "status": SubscriptionStatus.CANCELED,
@@ -119,7 +137,7 @@ def _cancel_now(session: Session, now: datetime, subscription_id: int) -> bool:
         if locked
         else set()
     )
-    cas.transition_ids(
+    voided = cas.transition_ids(
         session,
         Invoice,
         [i for i in locked if i not in in_flight],
@@ -128,6 +146,24 @@ def _cancel_now(session: Session, now: datetime, subscription_id: int) -> bool:
         due_at=None,
         updated_at=now,
     )
+    if voided:
+        stream.emit_many(
+            session,
+            [
+                stream.row(
+                    now,
+                    "invoice.voided",
+                    subscription_id=subscription_id,
+                    invoice_id=invoice.id,
+                    **stream.money(invoice.amount_minor, invoice.currency),
+                    period_start=stream.iso(invoice.period_start),
+                    period_end=stream.iso(invoice.period_end),
+                )
+                for invoice in session.execute(
+                    select(Invoice).where(Invoice.id.in_(voided)).order_by(Invoice.id)
+                ).scalars()
+            ],
+        )
     return cas.transition(
         session,
         Subscription,

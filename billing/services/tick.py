@@ -9,7 +9,7 @@ from typing import Any
 from sqlalchemy import select, update
 
 from billing.db.models import OutboxMessage
-from billing.services import commands, voids
+from billing.services import commands, notices, voids
 from billing.services.charging import charge_invoice
 from billing.services.context import Context
 from billing.services.invoicing import open_due_invoices
@@ -43,7 +43,8 @@ def mark_outbox_done(ctx: Context) -> int:
 
 
 def run_tick(ctx: Context, *, threads: int = 8) -> dict[str, Any]:
-    """Open due invoices, charge them, retry dunning, execute and expire refunds, reconcile."""
+    """Open due invoices, send the stream's advance notices, charge, retry dunning, execute and expire refunds,
+    reconcile."""
     report: dict[str, Any] = {"opened": 0, "charges": {}, "refunds": {}}
     report["resumed"] = probe_gateway(ctx)
     report["subscriptions_resumed"] = commands.resume_due(ctx)
@@ -52,6 +53,7 @@ def run_tick(ctx: Context, *, threads: int = 8) -> dict[str, Any]:
         report["opened"] += opened
         if not opened:
             break
+    report["notices"] = notices.send_notices(ctx)
     report["reconciled"] = expire_stuck_attempts(ctx)
     report["lookups"] = resolve_unknown_by_lookup(ctx)
     for _ in range(100):  # each pass is bounded; a few passes drain a large backlog

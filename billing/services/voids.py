@@ -22,7 +22,7 @@ from billing.services import events
 from billing.services.context import Context
 from billing.services.errors import NotFound
 from billing.services.pause import PauseReason, pause_billing
-from billing.services.refunds import RefundOutcome
+from billing.services.refunds import RefundOutcome, emit_refunds
 
 log = logging.getLogger("billing.refunds")
 
@@ -60,6 +60,7 @@ def execute_refund(ctx: Context, refund_id: int) -> RefundOutcome:
                 error="void window passed; Tpaga not called",
             ):
                 events.record(session, now, "refund.expired", refund_id=refund_id, invoice_id=invoice_id)
+                emit_refunds(session, now, "refund.expired", [refund_id])
             return RefundOutcome(refund_id, RefundState.EXPIRED)
         if now < deadline and not cas.transition(
             session,
@@ -118,6 +119,8 @@ def _send(
             events.record(
                 session, now, f"refund.{state}", refund_id=refund_id, invoice_id=invoice_id, http_status=status
             )
+            if state in (RefundState.VOIDED, RefundState.REJECTED):
+                emit_refunds(session, now, f"refund.{state}", [refund_id])
     return RefundOutcome(refund_id, state)
 
 
@@ -163,6 +166,7 @@ def _settle_by_lookup(
                 error="voided at Tpaga (found by a lookup)",
             ):
                 events.record(session, now, "refund.voided", refund_id=refund_id, invoice_id=invoice_id, by="lookup")
+                emit_refunds(session, now, "refund.voided", [refund_id])
             return RefundOutcome(refund_id, RefundState.VOIDED)
         if cas.transition(
             session,
@@ -183,6 +187,7 @@ def _settle_by_lookup(
                 reason="the void's outcome stayed unknown until the window passed and Tpaga did not void the "
                 "charge: refund it by hand",
             )
+            emit_refunds(session, now, "refund.expired", [refund_id])
     return RefundOutcome(refund_id, RefundState.EXPIRED)
 
 
@@ -228,6 +233,7 @@ def expire_refunds(ctx: Context) -> int:
             error="worker lost while voiding",
         )
         events.record_many(session, expired + lost)
+        emit_refunds(session, now, "refund.expired", [row["refund_id"] for row in expired])
     return len(expired)
 
 

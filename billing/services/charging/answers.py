@@ -222,8 +222,22 @@ def mark_invoices_paid(
         ],
     )
     charge_of = dict(paid)
-    stream.emit_many(session, [invoice_paid(now, invoices[i], charge_of[i]) for i in moved])
-    settle_subscriptions(session, now, sorted({invoices[i].subscription_id for i in moved}))
+    rows = [invoice_paid(now, invoices[i], charge_of[i]) for i in moved]
+    recovered = settle_subscriptions(session, now, sorted({invoices[i].subscription_id for i in moved}))
+    if recovered:
+        paid_of = {invoices[i].subscription_id: invoices[i] for i in moved}  # the last paid period of each
+        rows += [
+            stream.row(
+                now,
+                "subscription.recovered",
+                subscription_id=s,
+                status="active",
+                invoice_id=paid_of[s].id,
+                entitlement={"active": True, "until": paid_of[s].period_end.isoformat()},
+            )
+            for s in sorted(recovered)
+        ]
+    stream.emit_many(session, rows)
 
 
 def record_declines(ctx: Context, session: Session, now: datetime, answers: list[Answer]) -> dict[int, Outcome]:

@@ -26,7 +26,7 @@ from billing.domain.declines import DeclineClass
 from billing.domain.states import AttemptState, InvoiceState
 from billing.gateway import errors as gw
 from billing.gateway.models import Charge
-from billing.services import events, refunds
+from billing.services import events, refunds, stream
 from billing.services.charging.answers import LOCKED_INVOICE_COLUMNS, Answer, record_approvals, record_declines
 from billing.services.charging.attempts import CallResult, ChargeOutcome, Claim, HeldBack, Outcome
 from billing.services.context import Context
@@ -202,7 +202,7 @@ def _record_rejected(session: Session, now: datetime, claim: Claim, exc: Excepti
         finished_at=now,
         lease_expires_at=None,
     ):
-        cas.transition(
+        in_review = cas.transition(
             session,
             Invoice,
             invoice_id,
@@ -215,7 +215,29 @@ def _record_rejected(session: Session, now: datetime, claim: Claim, exc: Excepti
         events.record(
             session, now, "attempt.rejected", invoice_id=invoice_id, attempt_id=attempt_id, error=type(exc).__name__
         )
+        if in_review:
+            emit_in_review(session, now, invoice_id, attempt_id, reason)
     return ChargeOutcome(invoice_id, Outcome.REJECTED, attempt_id)
+
+
+def emit_in_review(session: Session, now: datetime, invoice_id: int, attempt_id: int, reason: str) -> None:
+    """invoice.in_review: no charge until an operator or a lookup settles the attempt (a rare path: one read)."""
+    invoice = session.execute(
+        select(Invoice.subscription_id, Invoice.amount_minor, Invoice.currency, ChargeAttempt.attempt_number)
+        .join(ChargeAttempt, ChargeAttempt.invoice_id == Invoice.id)
+        .where(Invoice.id == invoice_id, ChargeAttempt.id == attempt_id)
+    ).one()
+    stream.emit(
+        session,
+        now,
+        "invoice.in_review",
+        subscription_id=invoice.subscription_id,
+        invoice_id=invoice_id,
+        charge_id=attempt_id,
+        attempt=invoice.attempt_number,
+        **stream.money(invoice.amount_minor, invoice.currency),
+        reason=reason[:255],
+    )
 
 
 def _record_unknown(session: Session, now: datetime, claim: Claim, exc: BaseException) -> ChargeOutcome:
@@ -258,7 +280,7 @@ def mark_unknown(
         lease_expires_at=None,
     )
     if changed:
-        cas.transition(
+        if cas.transition(
             session,
             Invoice,
             invoice_id,
@@ -267,7 +289,8 @@ def mark_unknown(
             due_at=None,
             review_reason=f"charge outcome unknown: {reason}"[:255],
             updated_at=now,
-        )
+        ):
+            emit_in_review(session, now, invoice_id, attempt_id, f"charge outcome unknown: {reason}")
         events.record(
             session,
             now,
