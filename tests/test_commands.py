@@ -372,7 +372,7 @@ SUBSCRIPTION = {"external_id": "sub_1", "external_customer_id": "cus_1", "plan_c
             {**SUBSCRIPTION, "anchor_at": "2026-12-24T00:00:00"},
             "anchor_at must be an ISO 8601 time with a UTC offset",
         ),
-        ("billing.create_subscription", {**SUBSCRIPTION, "trial_days": "7"}, "trial_days must be an integer id"),
+        ("billing.create_subscription", {**SUBSCRIPTION, "trial_days": "7"}, "trial_days must be a whole number"),
         ("billing.attach_card", {"token": "tok"}, "give exactly one of customer_id or external_customer_id"),
         ("billing.cancel_subscription", {}, "give exactly one of subscription_id or external_subscription_id"),
         ("billing.pause_subscription", {"external_subscription_id": "a b"}, "external_subscription_id must be 1-64"),
