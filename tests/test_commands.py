@@ -145,6 +145,29 @@ def test_a_repeated_request_id_returns_the_first_outcome_and_other_parameters_ar
         assert row.status == "applied"
 
 
+def test_a_request_id_reused_with_other_parameters_is_recorded_as_rejected(world: World) -> None:
+    # The sender learns outcomes from the record (no result backend): a reuse must be there, with its reason.
+    customer(world, meta=Meta(request_id="req-1"))
+    for _ in range(2):
+        with pytest.raises(InvalidRequest, match="with other parameters"):
+            customer(world, email="other@example.com", meta=Meta(request_id="req-1"))
+    with world.ctx.sessions() as session:
+        rejected = [e.data for e in session.execute(select(Event).where(Event.kind == "command.rejected")).scalars()]
+        assert session.execute(select(Command.status).where(Command.request_id == "req-1")).scalar_one() == "applied"
+    assert (
+        rejected
+        == [
+            {
+                "command": "billing.upsert_customer",
+                "request_id": "req-1",
+                "status": "rejected",
+                "reason": "request_id 'req-1' was already used by a billing.upsert_customer with other parameters",
+            }
+        ]
+        * 2
+    )
+
+
 def test_a_refused_request_repeated_is_refused_again_for_the_same_reason(world: World) -> None:
     meta = Meta(request_id="req-bad")
     with pytest.raises(NotFound, match="plan 'nope' does not exist"):
