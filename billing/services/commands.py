@@ -14,6 +14,7 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import delete, select, update
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from billing import task_names
@@ -22,6 +23,7 @@ from billing.db.models import Card, CardToken, ChargeAttempt, Customer, Invoice,
 from billing.domain.periods import Interval, period_boundary, period_index_at
 from billing.domain.states import AttemptState, CardStatus, InvoiceState, SubscriptionStatus
 from billing.gateway import errors as gw
+from billing.gateway.models import CreditCard
 from billing.services import catalog, events, subscriptions
 from billing.services.context import Context, enqueue
 from billing.services.errors import AnswerLost, InvalidRequest, NotFound, Waiting
@@ -361,6 +363,22 @@ def _associate(
     except gw.TpagaError:
         _forget_token(ctx, digest)  # refused as a whole (a 401): nothing was associated
         raise
+    # Tpaga has associated the card and the token is spent: a deadlock or serialization failure rolled back only
+    # our transaction (nothing was written), so it is run again rather than lose the card.
+    for attempt in range(1, _RECORD_ATTEMPTS + 1):
+        try:
+            return _record_card(ctx, scope, digest, customer_id, remote)
+        except OperationalError as exc:
+            if attempt == _RECORD_ATTEMPTS or getattr(exc.orig, "sqlstate", None) not in _RUN_AGAIN_SQLSTATES:
+                raise
+    raise AssertionError("unreachable")
+
+
+_RECORD_ATTEMPTS = 3
+_RUN_AGAIN_SQLSTATES = ("40P01", "40001")  # deadlock_detected, serialization_failure
+
+
+def _record_card(ctx: Context, scope: Scope, digest: str, customer_id: int, remote: CreditCard) -> dict[str, Any]:
     now = ctx.clock.now()
     usable = remote.validation_successful is not False
     with ctx.unit_of_work() as session:
