@@ -12,11 +12,12 @@ from typing import Any
 import pytest
 import requests
 from sqlalchemy import func, select
+from sqlalchemy.exc import OperationalError
 
 import tasks
 from billing.db.models import ChargeAttempt, Command, Customer, Event, Invoice, Plan, Subscription
 from billing.sandbox.server import SandboxThread
-from billing.services import commands, invoicing
+from billing.services import catalog, commands, invoicing
 from billing.services.charging import charge_invoice
 from billing.services.charging.claims import claim_invoices, mark_sending
 from billing.services.errors import InvalidRequest, NotFound, Stale, Waiting
@@ -108,6 +109,32 @@ def test_the_same_card_token_delivered_twice_is_associated_once_and_answers_with
     first = commands.attach_card_result(world.ctx, token=temp, external_customer_id="cus_1")
     second = commands.attach_card_result(world.ctx, token=temp, external_customer_id="cus_1")
     assert second["card_id"] == first["card_id"] and second["repeat"] is True
+    assert tpaga_requests(world, "POST customer/credit_card_token") == 1
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=Waiting,
+    reason="defect: when the transaction recording a card Tpaga associated fails for good (not a deadlock, which "
+    "is run again), the token stays pending until its lease ends, then the answer is 'lost' and the card is only "
+    "at Tpaga",
+)
+def test_a_database_error_after_tpaga_associated_the_card_does_not_lose_the_card(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    customer(world)
+    temp = token(world)
+    reschedule = catalog.retry_waiting_invoices
+
+    def connection_lost_once(*args: Any, **kwargs: Any) -> None:
+        monkeypatch.setattr(catalog, "retry_waiting_invoices", reschedule)
+        raise OperationalError("UPDATE invoices SET due_at=...", {}, Exception("server closed the connection"))
+
+    monkeypatch.setattr(catalog, "retry_waiting_invoices", connection_lost_once)
+    with pytest.raises(OperationalError):  # the task retries it (a transient database error)
+        commands.attach_card_result(world.ctx, token=temp, external_customer_id="cus_1")
+    retried = commands.attach_card_result(world.ctx, token=temp, external_customer_id="cus_1")
+    assert retried["card_id"] is not None
     assert tpaga_requests(world, "POST customer/credit_card_token") == 1
 
 
