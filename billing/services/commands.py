@@ -402,7 +402,7 @@ def _record_card(ctx: Context, scope: Scope, digest: str, customer_id: int, remo
         )
         events.record(session, now, "card.attached", card_id=card.id, usable=usable)
         if usable:
-            catalog.retry_waiting_invoices(session, ctx, customer_id, card.id)
+            catalog.retry_waiting_invoices(session, now, customer_id, card.id)
         return scope.applied(session, now, {"customer_id": customer_id, "card_id": card.id, "usable": usable})
 
 
