@@ -26,7 +26,7 @@ from billing.gateway import errors as gw
 from billing.gateway.models import CreditCard
 from billing.services import catalog, events, subscriptions
 from billing.services.context import Context, enqueue
-from billing.services.errors import AnswerLost, InvalidRequest, NotFound, Waiting
+from billing.services.errors import AnswerLost, InvalidRequest, Missing, NotFound, Waiting
 from billing.services.ledger import Meta, Scope, check_external_id, run
 
 UPSERT_PLAN = task_names.UPSERT_PLAN
@@ -256,7 +256,7 @@ def _customer_by_external_id(session: Session, external_id: str) -> Customer:
         select(Customer).where(Customer.merchant_customer_id == external_id)
     ).scalar_one_or_none()
     if customer is None:
-        raise Waiting(f"customer {external_id!r} does not exist (yet)")
+        raise Missing("customer", external_id)
     return customer
 
 
@@ -443,7 +443,7 @@ def _subscription_by_external_id(session: Session, external_id: str, *, lock: bo
     query = select(Subscription).where(Subscription.external_id == external_id)
     sub = session.execute(query.with_for_update() if lock else query).scalar_one_or_none()
     if sub is None:
-        raise Waiting(f"subscription {external_id!r} does not exist (yet)")
+        raise Missing("subscription", external_id)
     return sub
 
 
