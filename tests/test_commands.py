@@ -334,7 +334,8 @@ def test_a_subscription_paused_until_a_date_resumes_on_it(world: World) -> None:
 
 def test_a_canceled_subscription_cannot_be_paused(world: World) -> None:
     signed_up(world)
-    commands.cancel_subscription(world.ctx, external_subscription_id="sub_1")
+    canceled = commands.cancel_subscription(world.ctx, external_subscription_id="sub_1")
+    assert canceled["external_id"] == "sub_1" and canceled["status"] == "canceled"
     with pytest.raises(InvalidRequest, match="is canceled"):
         commands.pause_subscription(world.ctx, external_subscription_id="sub_1")
 

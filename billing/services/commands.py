@@ -546,9 +546,12 @@ def cancel_subscription(
     }
     scope = Scope.of(CANCEL_SUBSCRIPTION, params, meta)
 
+    external: dict[str, str | None] = {}
+
     def guard(session: Session, sub: Subscription) -> None:
         scope.check_fresh("subscription", sub.external_id, sub.last_issued_at)
         sub.last_issued_at = scope.advance(sub.last_issued_at)
+        external["external_id"] = sub.external_id
 
     def apply() -> dict[str, Any]:
         target = subscription_id
@@ -556,14 +559,15 @@ def cancel_subscription(
             assert external_subscription_id is not None
             with ctx.sessions() as session:
                 target = _subscription_by_external_id(session, external_subscription_id).id
-        return subscriptions.cancel_subscription(
+        result = subscriptions.cancel_subscription(
             ctx,
             subscription_id=target,
             at_period_end=at_period_end,
             refund_last_charge=refund_last_charge,
             guard=guard,
-            record=lambda session, now, result: scope.applied(session, now, result),
+            record=lambda session, now, result: scope.applied(session, now, {**external, **result}),
         )
+        return {**external, **result}
 
     result = run(ctx, scope, apply)
     if result.get("repeat") and refund_last_charge:
