@@ -533,7 +533,12 @@ def cancel_subscription(
     refund_last_charge: bool = False,
     meta: Meta = NO_META,
 ) -> dict[str, Any]:
-    """Cancel by internal or external id (see `subscriptions.cancel_subscription`), stale-checked."""
+    """Cancel by internal or external id (see `subscriptions.cancel_subscription`).
+
+    Never stale, and it leaves the subscription's `issued_at` mark alone: nothing undoes a cancel, so one issued
+    before a pause or resume that overtook it must still apply (refused, the customer would go on being billed),
+    and that pause or resume, when it comes after, is judged against the other pauses and resumes only.
+    """
     if (subscription_id is None) == (external_subscription_id is None):
         raise InvalidRequest("give exactly one of subscription_id or external_subscription_id")
     if external_subscription_id is not None:
@@ -549,8 +554,6 @@ def cancel_subscription(
     external: dict[str, str | None] = {}
 
     def guard(session: Session, sub: Subscription) -> None:
-        scope.check_fresh("subscription", sub.external_id, sub.last_issued_at)
-        sub.last_issued_at = scope.advance(sub.last_issued_at)
         external["external_id"] = sub.external_id
 
     def apply() -> dict[str, Any]:

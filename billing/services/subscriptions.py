@@ -30,7 +30,7 @@ def cancel_subscription(
 ) -> dict[str, Any]:
     """Cancel now (open invoices without a charge in flight are voided) or at the period's end.
 
-    `guard` sees the subscription first, in the cancel's transaction (a command's stale check), and `record`
+    `guard` sees the subscription first, in the cancel's transaction (a command reads its external id), and `record`
     the result before it commits (the command ledger); the refund is requested after the commit.
     """
     for name, value in (("at_period_end", at_period_end), ("refund_last_charge", refund_last_charge)):
