@@ -28,13 +28,14 @@ from billing.clock import TestClock
 from billing.config import Settings
 from billing.db import migrate
 from billing.db.engine import make_engine
-from billing.db.models import Card, Customer, Plan, Subscription
+from billing.db.models import Card, Customer, Invoice, Plan, Subscription
 from billing.domain.states import SubscriptionStatus
 from billing.gateway.models import CreditCard
 from billing.gateway.models import Customer as RemoteCustomer
 from billing.services import commands
 from billing.services.context import Context
 from billing.services.errors import InvalidRequest, Stale, Waiting
+from billing.services.invoicing import open_due_invoices
 from billing.services.ledger import Meta
 from tests.fakes import FakeGateway
 
@@ -281,8 +282,36 @@ CANCEL_AT_END = {**SUB, "at_period_end": True}
     ids=["cancel-resume", "cancel-pause", "cancel_at_end-resume", "cancel-cancel_at_end"],
 )
 def test_a_cancel_overtaken_by_a_later_command_still_applies(
-    sqlite_url: str, tmp_path: Path, tail: list[Command], expected: tuple[str, bool]
+    sqlite_url: str, tmp_path: Path, tail: list[Command], expected: tuple[str, bool | None]
 ) -> None:
+    check_example(sqlite_url, tmp_path, tail, expected)
+
+
+@pytest.mark.parametrize(
+    "tail",
+    [
+        # In order, a cancel at period end of a paused subscription canceled it at once (it has no next billing
+        # time, like an unpaid one); delivered the other way round, the cancel was scheduled and the pause kept.
+        [_at(3, "pause_subscription", **SUB), _at(4, "cancel_subscription", **CANCEL_AT_END)],
+        [_at(3, "cancel_subscription", **CANCEL_AT_END), _at(4, "pause_subscription", **SUB)],
+    ],
+    ids=["pause-cancel_at_end", "cancel_at_end-pause"],
+)
+def test_a_paused_subscription_canceled_at_period_end_is_scheduled_in_either_order(
+    sqlite_url: str, tmp_path: Path, tail: list[Command]
+) -> None:
+    check_example(sqlite_url, tmp_path, tail, ("active", True))
+    # Resumed, it ends at the scheduled time (here before its first period was billed) and bills nothing.
+    with database(Path(sqlite_url.removeprefix("sqlite:///")), tmp_path / "c.db") as (ctx, _):
+        apply_in_order(ctx, [*SIGN_UP, *tail, _at(5, "resume_subscription", **SUB)])
+        open_due_invoices(ctx)
+        with ctx.sessions() as session:
+            assert session.execute(select(Subscription.status)).scalar_one() == SubscriptionStatus.CANCELED
+            assert session.execute(select(Invoice)).first() is None
+
+
+def check_example(sqlite_url: str, tmp_path: Path, tail: list[Command], expected: tuple[str, bool | None]) -> None:
+    """The tail after a sign-up, in order and overtaken (then both delivered again), ends the same."""
     migrate.upgrade(sqlite_url)
     template = Path(sqlite_url.removeprefix("sqlite:///"))
     with database(template, tmp_path / "a.db") as (ctx, _):
