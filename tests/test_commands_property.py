@@ -310,6 +310,17 @@ def test_a_paused_subscription_canceled_at_period_end_is_scheduled_in_either_ord
             assert session.execute(select(Invoice)).first() is None
 
 
+def test_an_upsert_without_a_phone_ends_the_same_whether_or_not_it_overtook_one_with_a_phone(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    # In order the older phone was kept; overtaken, the older upsert was stale and the phone never set.
+    tail = [
+        _at(3, "upsert_customer", **_customer(0, 1, "+573001112233")),
+        _at(4, "upsert_customer", **_customer(0, 2, None)),
+    ]
+    check_example(sqlite_url, tmp_path, tail, ("active", False))
+
+
 def check_example(sqlite_url: str, tmp_path: Path, tail: list[Command], expected: tuple[str, bool | None]) -> None:
     """The tail after a sign-up, in order and overtaken (then both delivered again), ends the same."""
     migrate.upgrade(sqlite_url)
@@ -322,4 +333,7 @@ def check_example(sqlite_url: str, tmp_path: Path, tail: list[Command], expected
         delivered = state(ctx)
     sub = delivered["subscriptions"]["sub-0"]
     assert (sub["status"], sub["cancel_at"]) == expected
+    newest = [c.kwargs for c in SIGN_UP + tail if c.name == commands.UPSERT_CUSTOMER][-1]
+    customer = delivered["customers"]["cus-0"]
+    assert (customer["email"], customer["phone"]) == (newest["email"], newest["phone"])
     assert delivered == in_order

@@ -141,7 +141,8 @@ def upsert_customer(
     phone: str | None = None,
     meta: Meta = NO_META,
 ) -> dict[str, Any]:
-    """Create the customer here and at Tpaga exactly once; a repeat updates the local fields.
+    """Create the customer here and at Tpaga exactly once; a repeat replaces the local fields (an omitted phone
+    is no phone: an upsert is the customer as the app has it, so the newest one alone decides, in any order).
 
     The row is written first, pending (no Tpaga id) under a lease; only the lease holder calls Tpaga, and the
     completion is a compare-and-set on the still-missing Tpaga id. A duplicate that finds the row pending waits
@@ -174,9 +175,10 @@ def upsert_customer(
                 session.flush()
             else:
                 scope.check_fresh("customer", external_id, customer.last_issued_at)
+                # Every field, the phone too when omitted: keeping an older phone would make the end state
+                # depend on the delivery order (an older upsert overtaken by this one is refused as stale).
                 for key, value in fields.items():
-                    if value is not None or key != "phone":
-                        setattr(customer, key, value)
+                    setattr(customer, key, value)
                 customer.updated_at = now
                 customer.last_issued_at = scope.advance(customer.last_issued_at)
                 if customer.tpaga_customer_id is not None:
