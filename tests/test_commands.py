@@ -15,7 +15,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import OperationalError
 
 import tasks
-from billing.db.models import ChargeAttempt, Command, Customer, Event, Invoice, Plan, Subscription
+from billing.db.models import Card, ChargeAttempt, Command, Customer, Event, Invoice, Plan, Subscription
 from billing.sandbox.server import SandboxThread
 from billing.services import catalog, commands, invoicing
 from billing.services.charging import charge_invoice
@@ -112,13 +112,6 @@ def test_the_same_card_token_delivered_twice_is_associated_once_and_answers_with
     assert tpaga_requests(world, "POST customer/credit_card_token") == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=Waiting,
-    reason="defect: when the transaction recording a card Tpaga associated fails for good (not a deadlock, which "
-    "is run again), the token stays pending until its lease ends, then the answer is 'lost' and the card is only "
-    "at Tpaga",
-)
 def test_a_database_error_after_tpaga_associated_the_card_does_not_lose_the_card(
     world: World, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -131,10 +124,10 @@ def test_a_database_error_after_tpaga_associated_the_card_does_not_lose_the_card
         raise OperationalError("UPDATE invoices SET due_at=...", {}, Exception("server closed the connection"))
 
     monkeypatch.setattr(catalog, "retry_waiting_invoices", connection_lost_once)
-    with pytest.raises(OperationalError):  # the task retries it (a transient database error)
-        commands.attach_card_result(world.ctx, token=temp, external_customer_id="cus_1")
-    retried = commands.attach_card_result(world.ctx, token=temp, external_customer_id="cus_1")
-    assert retried["card_id"] is not None
+    # The recording transaction is run again: the card Tpaga associated is kept, the token spent once.
+    attached = commands.attach_card_result(world.ctx, token=temp, external_customer_id="cus_1")
+    assert attached["card_id"] is not None and "repeat" not in attached
+    assert count(world, Card) == 1
     assert tpaga_requests(world, "POST customer/credit_card_token") == 1
 
 
@@ -451,3 +444,15 @@ def test_tpaga_refusing_a_new_customer_leaves_no_row_and_the_refusal_is_recorded
         app.tasks["billing.upsert_customer"](**{**CUSTOMER, "email": "ana@b@example.com", "request_id": "r1"})
     assert count(task_world, Customer) == 0
     assert count(task_world, Command, Command.status == "rejected", Command.request_id == "r1") == 1
+
+
+def test_a_paused_subscription_canceled_at_period_end_ends_there_without_a_resume(world: World) -> None:
+    signed_up(world)
+    invoicing.open_due_invoices(world.ctx)
+    commands.pause_subscription(world.ctx, external_subscription_id="sub_1")
+    scheduled = commands.cancel_subscription(world.ctx, external_subscription_id="sub_1", at_period_end=True)
+    assert scheduled["status"] != "canceled" and scheduled["cancel_at"]
+    world.clock.advance(timedelta(days=32))
+    commands.resume_due(world.ctx)
+    assert count(world, Subscription, Subscription.status == "canceled") == 1
+    assert invoicing.open_due_invoices(world.ctx) == 0

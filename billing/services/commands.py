@@ -9,12 +9,13 @@ outcome of each goes to the ledger (`billing.services.ledger`) with its request_
 from __future__ import annotations
 
 import hashlib
+import time
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
 from sqlalchemy import delete, select, update
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DisconnectionError, OperationalError
 from sqlalchemy.orm import Session
 
 from billing import task_names
@@ -365,19 +366,20 @@ def _associate(
     except gw.TpagaError:
         _forget_token(ctx, digest)  # refused as a whole (a 401): nothing was associated
         raise
-    # Tpaga has associated the card and the token is spent: a deadlock or serialization failure rolled back only
-    # our transaction (nothing was written), so it is run again rather than lose the card.
+    # Tpaga has associated the card and the token is spent: a database error (a deadlock, a serialization failure,
+    # a lost connection) rolled back only our transaction, so it is run again, for a few seconds, rather than lose
+    # the card. A database down for longer leaves the token pending, then "answer lost" (docs/operations.md).
     for attempt in range(1, _RECORD_ATTEMPTS + 1):
         try:
             return _record_card(ctx, scope, digest, customer_id, remote)
-        except OperationalError as exc:
-            if attempt == _RECORD_ATTEMPTS or getattr(exc.orig, "sqlstate", None) not in _RUN_AGAIN_SQLSTATES:
+        except (OperationalError, DisconnectionError):
+            if attempt == _RECORD_ATTEMPTS:
                 raise
+            time.sleep(min(0.1 * 2**attempt, 2.0))
     raise AssertionError("unreachable")
 
 
-_RECORD_ATTEMPTS = 3
-_RUN_AGAIN_SQLSTATES = ("40P01", "40001")  # deadlock_detected, serialization_failure
+_RECORD_ATTEMPTS = 6
 
 
 def _record_card(ctx: Context, scope: Scope, digest: str, customer_id: int, remote: CreditCard) -> dict[str, Any]:
@@ -714,7 +716,8 @@ def resume_locked(session: Session, ctx: Context, sub: Subscription, now: dateti
 
 
 def resume_due(ctx: Context, *, limit: int = 500) -> int:
-    """Resume the paused subscriptions whose `resumes_at` has come (beat, with the invoice opener)."""
+    """Resume the paused subscriptions whose `resumes_at` has come (beat, with the invoice opener), and cancel the
+    paused ones whose scheduled cancel has come; returns how many were resumed."""
     now = ctx.clock.now()
     with ctx.unit_of_work() as session:
         subs = list(
@@ -726,7 +729,25 @@ def resume_due(ctx: Context, *, limit: int = 500) -> int:
                 .with_for_update(skip_locked=True)
             ).scalars()
         )
-        return sum(resume_locked(session, ctx, sub, now) for sub in subs)
+        resumed = sum(resume_locked(session, ctx, sub, now) for sub in subs)
+    # A paused subscription canceled at period end renews no more, so the renewal scan never reaches its
+    # cancel_at: it is canceled here once that time has come.
+    with ctx.sessions() as session:
+        ending = list(
+            session.execute(
+                select(Subscription.id)
+                .where(
+                    Subscription.paused_at.is_not(None),
+                    Subscription.cancel_at.is_not(None),
+                    Subscription.cancel_at <= now,
+                    Subscription.status != SubscriptionStatus.CANCELED,
+                )
+                .limit(limit)
+            ).scalars()
+        )
+    for subscription_id in ending:
+        subscriptions.cancel_subscription(ctx, subscription_id=subscription_id)
+    return resumed
 
 
 COMMANDS: dict[str, Callable[..., dict[str, Any]]] = {
