@@ -77,8 +77,13 @@ def _check(task_name: str, param: Param, value: Any, secret: bool) -> Any:
         if not 1 <= len(value) <= MAX_CHARGE_BATCH:
             raise TaskInputError(f"{task_name}: {param.name} must hold 1 to {MAX_CHARGE_BATCH} ids, got {len(value)}")
         return [_check_id(task_name, f"{param.name}[{n}]", item, secret) for n, item in enumerate(value)]
-    if param.kind is int:
+    if param.kind is int and param.name.endswith("_id"):
         return _check_id(task_name, param.name, value, secret)
+    if param.kind is int:
+        # A count (trial_days, interval_count), not an id: 0 is a valid value; the service checks the range.
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TaskInputError(f"{task_name}: {param.name} must be a whole number, got {_describe(value, secret)}")
+        return value
     if param.kind is bool:
         if not isinstance(value, bool):
             raise TaskInputError(f"{task_name}: {param.name} must be true or false, got {_describe(value, secret)}")

@@ -100,7 +100,7 @@ def upsert_customer(
     request_id: str | None = None,
     issued_at: str | None = None,
 ) -> dict[str, Any]:
-    """Create the customer here and at Tpaga exactly once; a repeat updates the local fields."""
+    """Create the customer here and at Tpaga exactly once; a repeat replaces the local fields (no phone: none)."""
     return _gateway_call(
         names.UPSERT_CUSTOMER,
         commands.upsert_customer,

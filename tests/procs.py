@@ -25,18 +25,31 @@ from typing import IO, Any
 from tasks.testing import free_port, process_env
 
 # A bare Celery app: no import of `billing` or `tasks`, routing by the documented queue names. Sends in
-# threads when asked, so one message can arrive many times at once.
+# threads when asked, so one message can arrive many times at once; `together` connects every thread first and
+# releases them at a barrier, so the messages reach the broker within the same instant.
 SENDER = textwrap.dedent(
     """
-    import json, sys
+    import json, sys, threading
     from concurrent.futures import ThreadPoolExecutor
     from celery import Celery
     broker, sends, threads = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
+    together = len(sys.argv) > 4 and sys.argv[4] == "together"
     app = Celery("someone-else", broker=broker)
     app.conf.broker_pool_limit = max(10, threads)
+    barrier = None
+    if together:
+        threads = len(sends)
+        connections = [app.pool.acquire(block=True) for _ in sends]
+        for connection in connections:
+            connection.ensure_connection(max_retries=3)
+        for connection in connections:
+            connection.release()
+        barrier = threading.Barrier(len(sends))
 
     def send(spec):
         key, name, queue, args, kwargs = spec
+        if barrier is not None:
+            barrier.wait(30)
         return key, app.send_task(name, args=args, kwargs=kwargs, queue=queue).id
 
     if threads > 1:
@@ -52,10 +65,14 @@ SENDER = textwrap.dedent(
 Send = tuple[str, str, str, list[Any], dict[str, Any]]
 
 
-def send_by_name(broker_url: str, sends: list[Send], *, threads: int = 1) -> list[tuple[str, str]]:
-    """Run the foreign sender (a separate Python process); returns [(key, task id)] in the order sent."""
+def send_by_name(
+    broker_url: str, sends: list[Send], *, threads: int = 1, together: bool = False
+) -> list[tuple[str, str]]:
+    """Run the foreign sender (a separate Python process); returns [(key, task id)] in the order given.
+    `together`: one thread per message, all released at once (for duplicates that must race)."""
+    mode = ["together"] if together else []
     out = subprocess.run(
-        [sys.executable, "-c", SENDER, broker_url, json.dumps(sends), str(threads)],
+        [sys.executable, "-c", SENDER, broker_url, json.dumps(sends), str(threads), *mode],
         capture_output=True,
         text=True,
         timeout=120,

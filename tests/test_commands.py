@@ -12,11 +12,12 @@ from typing import Any
 import pytest
 import requests
 from sqlalchemy import func, select
+from sqlalchemy.exc import OperationalError
 
 import tasks
-from billing.db.models import ChargeAttempt, Command, Customer, Event, Invoice, Plan, Subscription
+from billing.db.models import Card, ChargeAttempt, Command, Customer, Event, Invoice, Plan, Subscription
 from billing.sandbox.server import SandboxThread
-from billing.services import commands, invoicing
+from billing.services import catalog, commands, invoicing
 from billing.services.charging import charge_invoice
 from billing.services.charging.claims import claim_invoices, mark_sending
 from billing.services.errors import InvalidRequest, NotFound, Stale, Waiting
@@ -111,6 +112,25 @@ def test_the_same_card_token_delivered_twice_is_associated_once_and_answers_with
     assert tpaga_requests(world, "POST customer/credit_card_token") == 1
 
 
+def test_a_database_error_after_tpaga_associated_the_card_does_not_lose_the_card(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    customer(world)
+    temp = token(world)
+    reschedule = catalog.retry_waiting_invoices
+
+    def connection_lost_once(*args: Any, **kwargs: Any) -> None:
+        monkeypatch.setattr(catalog, "retry_waiting_invoices", reschedule)
+        raise OperationalError("UPDATE invoices SET due_at=...", {}, Exception("server closed the connection"))
+
+    monkeypatch.setattr(catalog, "retry_waiting_invoices", connection_lost_once)
+    # The recording transaction is run again: the card Tpaga associated is kept, the token spent once.
+    attached = commands.attach_card_result(world.ctx, token=temp, external_customer_id="cus_1")
+    assert attached["card_id"] is not None and "repeat" not in attached
+    assert count(world, Card) == 1
+    assert tpaga_requests(world, "POST customer/credit_card_token") == 1
+
+
 def test_a_token_given_for_another_customer_is_refused(world: World) -> None:
     customer(world, "cus_1")
     customer(world, "cus_2")
@@ -143,6 +163,29 @@ def test_a_repeated_request_id_returns_the_first_outcome_and_other_parameters_ar
         assert session.execute(select(Customer.email)).scalar_one() == "ana@example.com"
         [row] = session.execute(select(Command).where(Command.request_id == "req-1")).scalars()
         assert row.status == "applied"
+
+
+def test_a_request_id_reused_with_other_parameters_is_recorded_as_rejected(world: World) -> None:
+    # The sender learns outcomes from the record (no result backend): a reuse must be there, with its reason.
+    customer(world, meta=Meta(request_id="req-1"))
+    for _ in range(2):
+        with pytest.raises(InvalidRequest, match="with other parameters"):
+            customer(world, email="other@example.com", meta=Meta(request_id="req-1"))
+    with world.ctx.sessions() as session:
+        rejected = [e.data for e in session.execute(select(Event).where(Event.kind == "command.rejected")).scalars()]
+        assert session.execute(select(Command.status).where(Command.request_id == "req-1")).scalar_one() == "applied"
+    assert (
+        rejected
+        == [
+            {
+                "command": "billing.upsert_customer",
+                "request_id": "req-1",
+                "status": "rejected",
+                "reason": "request_id 'req-1' was already used by a billing.upsert_customer with other parameters",
+            }
+        ]
+        * 2
+    )
 
 
 def test_a_refused_request_repeated_is_refused_again_for_the_same_reason(world: World) -> None:
@@ -284,7 +327,8 @@ def test_a_subscription_paused_until_a_date_resumes_on_it(world: World) -> None:
 
 def test_a_canceled_subscription_cannot_be_paused(world: World) -> None:
     signed_up(world)
-    commands.cancel_subscription(world.ctx, external_subscription_id="sub_1")
+    canceled = commands.cancel_subscription(world.ctx, external_subscription_id="sub_1")
+    assert canceled["external_id"] == "sub_1" and canceled["status"] == "canceled"
     with pytest.raises(InvalidRequest, match="is canceled"):
         commands.pause_subscription(world.ctx, external_subscription_id="sub_1")
 
@@ -372,7 +416,7 @@ SUBSCRIPTION = {"external_id": "sub_1", "external_customer_id": "cus_1", "plan_c
             {**SUBSCRIPTION, "anchor_at": "2026-12-24T00:00:00"},
             "anchor_at must be an ISO 8601 time with a UTC offset",
         ),
-        ("billing.create_subscription", {**SUBSCRIPTION, "trial_days": "7"}, "trial_days must be an integer id"),
+        ("billing.create_subscription", {**SUBSCRIPTION, "trial_days": "7"}, "trial_days must be a whole number"),
         ("billing.attach_card", {"token": "tok"}, "give exactly one of customer_id or external_customer_id"),
         ("billing.cancel_subscription", {}, "give exactly one of subscription_id or external_subscription_id"),
         ("billing.pause_subscription", {"external_subscription_id": "a b"}, "external_subscription_id must be 1-64"),
@@ -400,3 +444,15 @@ def test_tpaga_refusing_a_new_customer_leaves_no_row_and_the_refusal_is_recorded
         app.tasks["billing.upsert_customer"](**{**CUSTOMER, "email": "ana@b@example.com", "request_id": "r1"})
     assert count(task_world, Customer) == 0
     assert count(task_world, Command, Command.status == "rejected", Command.request_id == "r1") == 1
+
+
+def test_a_paused_subscription_canceled_at_period_end_ends_there_without_a_resume(world: World) -> None:
+    signed_up(world)
+    invoicing.open_due_invoices(world.ctx)
+    commands.pause_subscription(world.ctx, external_subscription_id="sub_1")
+    scheduled = commands.cancel_subscription(world.ctx, external_subscription_id="sub_1", at_period_end=True)
+    assert scheduled["status"] != "canceled" and scheduled["cancel_at"]
+    world.clock.advance(timedelta(days=32))
+    commands.resume_due(world.ctx)
+    assert count(world, Subscription, Subscription.status == "canceled") == 1
+    assert invoicing.open_due_invoices(world.ctx) == 0

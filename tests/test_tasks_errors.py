@@ -6,6 +6,7 @@ test_celery_contract.py; here the table of messages and the scrubbing of secrets
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from types import SimpleNamespace
 from typing import Any
@@ -80,6 +81,17 @@ def test_optional_arguments_may_be_omitted_or_null() -> None:
         "charge_id": None,
         "invoice_id": 4,
     }
+
+
+def test_counts_are_whole_numbers_and_zero_is_one_of_them() -> None:
+    # "No trial" is trial_days=0, the documented default: a count, not an id that must be positive.
+    plan = {"code": "gold", "amount": "45000", "currency": "COP", "interval": "month"}
+    assert app.tasks["billing.upsert_plan"].validate((), {**plan, "trial_days": 0})["trial_days"] == 0
+    subscription = {"external_id": "sub_1", "external_customer_id": "cus_1", "plan_code": "gold"}
+    assert app.tasks["billing.create_subscription"].validate((), {**subscription, "trial_days": 0})["trial_days"] == 0
+    for value, shown in (("7", "'7' (a str)"), (True, "True (a bool)"), (1.5, "1.5 (a float)")):
+        with pytest.raises(TaskInputError, match=re.escape(f"trial_days must be a whole number, got {shown}")):
+            app.tasks["billing.create_subscription"].validate((), {**subscription, "trial_days": value})
 
 
 # --- error mapping: a scratch app with the same base class ---------------------------------------------------

@@ -14,8 +14,10 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from sqlalchemy import text
 
 from billing.db import migrate
+from billing.db.engine import make_engine
 from tasks.testing import CeleryProcess, process_env, worker
 
 MALFORMED_ENV = "BILLING_SENDING_LEASE_SECONDS=abc\nCELERY_BROKER_URL=redis://nowhere.invalid:1/0\n"
@@ -25,6 +27,8 @@ MALFORMED_ENV = "BILLING_SENDING_LEASE_SECONDS=abc\nCELERY_BROKER_URL=redis://no
 SENDER = textwrap.dedent(
     """
     import json, logging, os, sys
+    from datetime import datetime, timedelta, timezone
+    from decimal import Decimal
     factory = logging.getLogRecordFactory()
     environ = dict(os.environ)
 
@@ -44,9 +48,19 @@ SENDER = textwrap.dedent(
     shop = Celery("shop", broker=sys.argv[1])
     task_id = tasks.client.send(shop, "billing.charge_invoice", invoice_id=987654)
     card_task_id = tasks.client.send_attach_card(shop, 987654, "tok_import_test")
+    bogota = timezone(timedelta(hours=-5))
+    plan_task_id = tasks.client.upsert_plan(
+        shop, code="import-gold", amount=Decimal("4.5E+4"), currency="COP", interval="month", name="Gold",
+        issued_at=datetime(2026, 1, 2, 3, 4, 5, tzinfo=bogota),
+    )
+    sub_task_id = tasks.client.create_subscription(
+        shop, external_id="sub-import", external_customer_id="cus-import", plan_code="import-gold",
+        anchor_at=datetime(2030, 1, 31, 9, 0, tzinfo=bogota), request_id="import-sub-1",
+    )
+    card2_task_id = tasks.client.attach_card(shop, token="tok_import_test_2", external_customer_id="cus-import")
     assert not [name for name in shop.tasks if name.startswith("billing.")], "our tasks joined the sender's app"
     assert not tasks.app.configured and logging.getLogRecordFactory() is factory, "sending configured our app"
-    print(json.dumps([task_id, card_task_id]))
+    print(json.dumps([task_id, card_task_id, plan_task_id, sub_task_id, card2_task_id]))
     """
 )
 
@@ -71,6 +85,8 @@ def test_tasks_client_imports_and_sends_where_the_env_file_is_malformed(
             "CELERY_BROKER_URL": broker_url,
             "TPAGA_PRIVATE_KEY": "pk_test",  # never used: the ids name nothing
             "TPAGA_PUBLIC_KEY": "pub_test",
+            # A command naming a customer not there yet is refused at once instead of retried for 15 minutes.
+            "BILLING_COMMAND_WAIT_SECONDS": "0",
         }
     )
     proc = worker(env, tmp_path / "worker.log")
@@ -89,12 +105,27 @@ def test_tasks_client_imports_and_sends_where_the_env_file_is_malformed(
             check=False,
         )
         assert sent.returncode == 0, sent.stderr[-3000:]
-        charge_id, card_id = json.loads(sent.stdout.strip().splitlines()[-1])
+        charge_id, card_id, plan_id, sub_id, card2_id = json.loads(sent.stdout.strip().splitlines()[-1])
 
-        # Then the worker receives both and runs them (the ids name nothing: each fails once, precisely)
+        # Then the worker receives them all and runs them: the ids name nothing, so each fails once, precisely
         proc.wait_for_log(rf"billing.charge_invoice\[{charge_id}\] raised expected: TaskInputError", 60)
         proc.wait_for_log(rf"billing.attach_card\[{card_id}\] raised expected: TaskInputError", 60)
         assert "customer 987654 does not exist" in proc.log_text()
+        # ... the helpers' datetimes parse on the worker (else "must be an ISO 8601 time"): the subscription
+        # and the card wait for their customer, refused at once with the wait set to 0 s
+        proc.wait_for_log(rf"billing.create_subscription\[{sub_id}\] raised expected: TaskInputError", 60)
+        proc.wait_for_log(rf"billing.attach_card\[{card2_id}\] raised expected: TaskInputError", 60)
+        assert "customer 'cus-import' does not exist (yet) after waiting" in proc.log_text()
+        assert "ISO 8601" not in proc.log_text()
+        # ... and the plan is created from the Decimal, its name and its issued_at
+        proc.wait_for_log(rf"billing.upsert_plan\[{plan_id}\] succeeded", 60)
+    engine = make_engine(sqlite_url)
+    with engine.connect() as conn:
+        plan = conn.execute(text("select amount_minor, currency, name from plans where code = 'import-gold'")).one()
+        refused = conn.execute(text("select status from commands where request_id = 'import-sub-1'")).scalar_one()
+    engine.dispose()
+    assert tuple(plan) == (4_500_000, "COP", "Gold")
+    assert refused == "rejected"
     assert "tok_import_test" not in proc.log_text()
 
 

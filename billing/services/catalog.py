@@ -137,9 +137,9 @@ def attach_card(ctx: Context, *, customer_id: int, token: str) -> int:
     return int(commands.attach_card_result(ctx, customer_id=customer_id, token=token)["card_id"])
 
 
-def retry_waiting_invoices(session: Session, ctx: Context, customer_id: int, card_id: int) -> None:
-    """Point live subscriptions at the new card and charge their open invoices at once (not while paused)."""
-    now = ctx.clock.now()
+def retry_waiting_invoices(session: Session, now: datetime, customer_id: int, card_id: int) -> None:
+    """Point live subscriptions at the new card and charge their open invoices at once (not while paused); `now`
+    is the caller's, read before its transaction (a shared test clock reads the database)."""
     live = (SubscriptionStatus.TRIALING, SubscriptionStatus.ACTIVE, SubscriptionStatus.PAST_DUE)
     subs = session.execute(
         select(Subscription).where(Subscription.customer_id == customer_id, Subscription.status.in_(live))

@@ -9,11 +9,13 @@ outcome of each goes to the ledger (`billing.services.ledger`) with its request_
 from __future__ import annotations
 
 import hashlib
+import time
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
 from sqlalchemy import delete, select, update
+from sqlalchemy.exc import DisconnectionError, OperationalError
 from sqlalchemy.orm import Session
 
 from billing import task_names
@@ -22,9 +24,10 @@ from billing.db.models import Card, CardToken, ChargeAttempt, Customer, Invoice,
 from billing.domain.periods import Interval, period_boundary, period_index_at
 from billing.domain.states import AttemptState, CardStatus, InvoiceState, SubscriptionStatus
 from billing.gateway import errors as gw
+from billing.gateway.models import CreditCard
 from billing.services import catalog, events, stream, subscriptions
 from billing.services.context import Context, enqueue
-from billing.services.errors import AnswerLost, InvalidRequest, NotFound, Waiting
+from billing.services.errors import AnswerLost, InvalidRequest, Missing, NotFound, Waiting
 from billing.services.ledger import Meta, Scope, check_external_id, run
 
 UPSERT_PLAN = task_names.UPSERT_PLAN
@@ -139,7 +142,8 @@ def upsert_customer(
     phone: str | None = None,
     meta: Meta = NO_META,
 ) -> dict[str, Any]:
-    """Create the customer here and at Tpaga exactly once; a repeat updates the local fields.
+    """Create the customer here and at Tpaga exactly once; a repeat replaces the local fields (an omitted phone
+    is no phone: an upsert is the customer as the app has it, so the newest one alone decides, in any order).
 
     The row is written first, pending (no Tpaga id) under a lease; only the lease holder calls Tpaga, and the
     completion is a compare-and-set on the still-missing Tpaga id. A duplicate that finds the row pending waits
@@ -172,9 +176,11 @@ def upsert_customer(
                 session.flush()
             else:
                 scope.check_fresh("customer", external_id, customer.last_issued_at)
+                # Every field, the phone too when omitted: keeping an older phone would make the end state
+                # depend on the delivery order (an older upsert overtaken by this one is refused as stale).
                 changed = []
                 for key, value in fields.items():
-                    if (value is not None or key != "phone") and getattr(customer, key) != value:
+                    if getattr(customer, key) != value:
                         setattr(customer, key, value)
                         changed.append(key)
                 customer.updated_at = now
@@ -259,7 +265,7 @@ def _customer_by_external_id(session: Session, external_id: str) -> Customer:
         select(Customer).where(Customer.merchant_customer_id == external_id)
     ).scalar_one_or_none()
     if customer is None:
-        raise Waiting(f"customer {external_id!r} does not exist (yet)")
+        raise Missing("customer", external_id)
     return customer
 
 
@@ -366,6 +372,23 @@ def _associate(
     except gw.TpagaError:
         _forget_token(ctx, digest)  # refused as a whole (a 401): nothing was associated
         raise
+    # Tpaga has associated the card and the token is spent: a database error (a deadlock, a serialization failure,
+    # a lost connection) rolled back only our transaction, so it is run again, for a few seconds, rather than lose
+    # the card. A database down for longer leaves the token pending, then "answer lost" (docs/operations.md).
+    for attempt in range(1, _RECORD_ATTEMPTS + 1):
+        try:
+            return _record_card(ctx, scope, digest, customer_id, remote)
+        except (OperationalError, DisconnectionError):
+            if attempt == _RECORD_ATTEMPTS:
+                raise
+            time.sleep(min(0.1 * 2**attempt, 2.0))
+    raise AssertionError("unreachable")
+
+
+_RECORD_ATTEMPTS = 6
+
+
+def _record_card(ctx: Context, scope: Scope, digest: str, customer_id: int, remote: CreditCard) -> dict[str, Any]:
     now = ctx.clock.now()
     usable = remote.validation_successful is not False
     with ctx.unit_of_work() as session:
@@ -401,7 +424,7 @@ def _associate(
             error_code=card.unusable_code,
         )
         if usable:
-            catalog.retry_waiting_invoices(session, ctx, customer_id, card.id)
+            catalog.retry_waiting_invoices(session, now, customer_id, card.id)
         return scope.applied(session, now, {"customer_id": customer_id, "card_id": card.id, "usable": usable})
 
 
@@ -442,7 +465,7 @@ def _subscription_by_external_id(session: Session, external_id: str, *, lock: bo
     query = select(Subscription).where(Subscription.external_id == external_id)
     sub = session.execute(query.with_for_update() if lock else query).scalar_one_or_none()
     if sub is None:
-        raise Waiting(f"subscription {external_id!r} does not exist (yet)")
+        raise Missing("subscription", external_id)
     return sub
 
 
@@ -532,7 +555,12 @@ def cancel_subscription(
     refund_last_charge: bool = False,
     meta: Meta = NO_META,
 ) -> dict[str, Any]:
-    """Cancel by internal or external id (see `subscriptions.cancel_subscription`), stale-checked."""
+    """Cancel by internal or external id (see `subscriptions.cancel_subscription`).
+
+    Never stale, and it leaves the subscription's `issued_at` mark alone: nothing undoes a cancel, so one issued
+    before a pause or resume that overtook it must still apply (refused, the customer would go on being billed),
+    and that pause or resume, when it comes after, is judged against the other pauses and resumes only.
+    """
     if (subscription_id is None) == (external_subscription_id is None):
         raise InvalidRequest("give exactly one of subscription_id or external_subscription_id")
     if external_subscription_id is not None:
@@ -545,9 +573,10 @@ def cancel_subscription(
     }
     scope = Scope.of(CANCEL_SUBSCRIPTION, params, meta)
 
+    external: dict[str, str | None] = {}
+
     def guard(session: Session, sub: Subscription) -> None:
-        scope.check_fresh("subscription", sub.external_id, sub.last_issued_at)
-        sub.last_issued_at = scope.advance(sub.last_issued_at)
+        external["external_id"] = sub.external_id
 
     def apply() -> dict[str, Any]:
         target = subscription_id
@@ -555,14 +584,15 @@ def cancel_subscription(
             assert external_subscription_id is not None
             with ctx.sessions() as session:
                 target = _subscription_by_external_id(session, external_subscription_id).id
-        return subscriptions.cancel_subscription(
+        result = subscriptions.cancel_subscription(
             ctx,
             subscription_id=target,
             at_period_end=at_period_end,
             refund_last_charge=refund_last_charge,
             guard=guard,
-            record=lambda session, now, result: scope.applied(session, now, result),
+            record=lambda session, now, result: scope.applied(session, now, {**external, **result}),
         )
+        return {**external, **result}
 
     result = run(ctx, scope, apply)
     if result.get("repeat") and refund_last_charge:
@@ -723,7 +753,8 @@ def resume_locked(session: Session, ctx: Context, sub: Subscription, now: dateti
 
 
 def resume_due(ctx: Context, *, limit: int = 500) -> int:
-    """Resume the paused subscriptions whose `resumes_at` has come (beat, with the invoice opener)."""
+    """Resume the paused subscriptions whose `resumes_at` has come (beat, with the invoice opener), and cancel the
+    paused ones whose scheduled cancel has come; returns how many were resumed."""
     now = ctx.clock.now()
     with ctx.unit_of_work() as session:
         subs = list(
@@ -735,7 +766,25 @@ def resume_due(ctx: Context, *, limit: int = 500) -> int:
                 .with_for_update(skip_locked=True)
             ).scalars()
         )
-        return sum(resume_locked(session, ctx, sub, now) for sub in subs)
+        resumed = sum(resume_locked(session, ctx, sub, now) for sub in subs)
+    # A paused subscription canceled at period end renews no more, so the renewal scan never reaches its
+    # cancel_at: it is canceled here once that time has come.
+    with ctx.sessions() as session:
+        ending = list(
+            session.execute(
+                select(Subscription.id)
+                .where(
+                    Subscription.paused_at.is_not(None),
+                    Subscription.cancel_at.is_not(None),
+                    Subscription.cancel_at <= now,
+                    Subscription.status != SubscriptionStatus.CANCELED,
+                )
+                .limit(limit)
+            ).scalars()
+        )
+    for subscription_id in ending:
+        subscriptions.cancel_subscription(ctx, subscription_id=subscription_id)
+    return resumed
 
 
 COMMANDS: dict[str, Callable[..., dict[str, Any]]] = {

@@ -27,6 +27,15 @@ class Waiting(ServiceError):
     give_up: Callable[[str], None] | None = None
 
 
+class Missing(Waiting):
+    """Raised when a command names a customer or subscription by an external id that does not exist (yet)."""
+
+    def __init__(self, kind: str, external_id: str) -> None:
+        super().__init__(f"{kind} {external_id!r} does not exist (yet)")
+        self.kind = kind
+        self.external_id = external_id
+
+
 class Stale(InvalidRequest):
     """Raised when a command's `issued_at` is older than the last change applied to its object."""
 

@@ -99,14 +99,16 @@ class Scope:
             ).scalar_one_or_none()
             if row is None:
                 return None
-            if row.name != self.name or row.params_sha256 != self.digest:
-                raise InvalidRequest(
-                    f"request_id {self.meta.request_id!r} was already used by a {row.name} with other parameters"
-                )
-            if row.status == APPLIED:
-                return {**row.result, "repeat": True}
-            error = row.error or "refused"
-            raise Stale(error) if row.status == STALE else InvalidRequest(error)
+            if row.name == self.name and row.params_sha256 == self.digest:
+                if row.status == APPLIED:
+                    return {**row.result, "repeat": True}
+                error = row.error or "refused"
+                raise Stale(error) if row.status == STALE else InvalidRequest(error)
+            reused = InvalidRequest(
+                f"request_id {self.meta.request_id!r} was already used by a {row.name} with other parameters"
+            )
+        self._reused(ctx, reused)
+        raise reused
 
     def check_fresh(self, kind: str, external_id: str | None, last_issued_at: datetime | None) -> None:
         issued = self.meta.issued_at
@@ -137,6 +139,21 @@ class Scope:
                 self._write(session, now, status, {}, str(error))
         except IntegrityError:  # a concurrent duplicate recorded its outcome first; that one stands
             pass
+
+    def _reused(self, ctx: Context, error: InvalidRequest) -> None:
+        """Record the refusal of a request_id reused with other parameters: as an event only, since the ledger's
+        row for that request_id is (and stays) the first command's."""
+        now = ctx.clock.now()  # outside the transaction: a shared test clock reads the database
+        with ctx.unit_of_work() as session:
+            events.record(
+                session,
+                now,
+                "command.rejected",
+                command=self.name,
+                request_id=self.meta.request_id,
+                status=REJECTED,
+                reason=str(error),
+            )
 
     def _write(self, session: Session, now: datetime, status: str, result: dict[str, Any], error: str | None) -> None:
         session.add(

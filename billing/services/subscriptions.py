@@ -10,7 +10,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from billing.db import cas
-from billing.db.models import ChargeAttempt, Invoice, Subscription
+from billing.db.models import ChargeAttempt, Invoice, Plan, Subscription
+from billing.domain.periods import Interval, period_boundary
 from billing.domain.states import InvoiceState, SubscriptionStatus
 from billing.services import events, stream
 from billing.services.charging.attempts import IN_FLIGHT
@@ -30,7 +31,7 @@ def cancel_subscription(
 ) -> dict[str, Any]:
     """Cancel now (open invoices without a charge in flight are voided) or at the period's end.
 
-    `guard` sees the subscription first, in the cancel's transaction (a command's stale check), and `record`
+    `guard` sees the subscription first, in the cancel's transaction (a command reads its external id), and `record`
     the result before it commits (the command ledger); the refund is requested after the commit.
     """
     for name, value in (("at_period_end", at_period_end), ("refund_last_charge", refund_last_charge)):
@@ -49,10 +50,12 @@ def cancel_subscription(
                 "status": sub.status,
                 "changed": False,
             }
-        elif at_period_end and sub.next_billing_at is not None:
+        elif at_period_end and (sub.next_billing_at is not None or _renews_on_resume(sub)):
             # Only a subscription that still renews has a period end to wait for; an unpaid one (no next
-            # billing time) is never picked up by the renewal scan again, so it is canceled now below.
-            sub.cancel_at = sub.next_billing_at
+            # billing time) is never picked up by the renewal scan again, so it is canceled now below. A paused
+            # one renews once resumed: its period ends where its next billing time was before the pause (the
+            # renewal scan cancels it there), so a pause and a cancel end the same in either order.
+            sub.cancel_at = sub.next_billing_at or _next_boundary(session, ctx, sub)
             sub.updated_at = now
             events.record(session, now, "subscription.cancel_scheduled", subscription_id=subscription_id)
             stream.emit(
@@ -93,6 +96,17 @@ def cancel_subscription(
     if refund_last_charge:
         result["refund"] = refund_last_paid(ctx, subscription_id)
     return result
+
+
+def _renews_on_resume(sub: Subscription) -> bool:
+    return sub.paused_at is not None and sub.status != SubscriptionStatus.UNPAID
+
+
+def _next_boundary(session: Session, ctx: Context, sub: Subscription) -> datetime:
+    plan = session.get_one(Plan, sub.plan_id)
+    return period_boundary(
+        sub.anchor_at, sub.next_period_index, Interval(plan.interval), plan.interval_count, ctx.timezone
+    )
 
 
 def refund_last_paid(ctx: Context, subscription_id: int) -> dict[str, Any] | None:
