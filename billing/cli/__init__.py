@@ -20,12 +20,13 @@ def _register() -> None:
     main.add_command(db.db)
     main.add_command(demo.demo)
 
-    from billing.cli import catalog, ops, seed
+    from billing.cli import catalog, metrics, ops, seed
 
     for command in (catalog.plans, catalog.customers, catalog.cards, catalog.subscriptions, seed.seed):
         main.add_command(command)
     for command in (ops.tick, ops.status, ops.report, ops.review, ops.refund, ops.resume, ops.clock):
         main.add_command(command)
+    main.add_command(metrics.metrics)
 
 
 _register()
