@@ -126,20 +126,23 @@ def review_queue(conn: Connection, now: datetime) -> tuple[int, float]:
 def due_lag(conn: Connection, now: datetime) -> float:
     """How late the oldest owed piece of work is: a subscription period due without its invoice (beat opens
     it), an open invoice past its due time (the charge or the sweep sends it), or a charge in flight past its
-    lease (reconciliation settles it). Each is the first entry of the partial index its own scan uses."""
-    oldest = [
-        conn.execute(select(func.min(Subscription.next_billing_at)).where(_sub.c.next_billing_at.is_not(None))),
-        conn.execute(
-            select(func.min(Invoice.due_at)).where(_inv.c.state == InvoiceState.OPEN.value, _inv.c.due_at.is_not(None))
+    lease (reconciliation settles it). Each is the first entry of the partial index its own scan uses
+    (ix_subscriptions_due, ix_invoices_due, ix_charge_attempts_inflight)."""
+    query = select(
+        _oldest(Subscription.next_billing_at, _sub.c.next_billing_at.is_not(None)),
+        _oldest(Invoice.due_at, _inv.c.state == InvoiceState.OPEN.value, _inv.c.due_at.is_not(None)),
+        _oldest(
+            ChargeAttempt.lease_expires_at,
+            _att.c.state.in_([AttemptState.PENDING.value, AttemptState.SENDING.value]),
+            _att.c.lease_expires_at.is_not(None),
         ),
-        conn.execute(
-            select(func.min(ChargeAttempt.lease_expires_at)).where(
-                _att.c.state.in_([AttemptState.PENDING.value, AttemptState.SENDING.value]),
-                _att.c.lease_expires_at.is_not(None),
-            )
-        ),
-    ]
-    return max(_age_seconds(now, result.scalar_one()) for result in oldest)
+    )
+    return max(_age_seconds(now, oldest) for oldest in conn.execute(query).one())
+
+
+def _oldest(column: Any, *where: Any) -> Any:
+    """min(column) over the rows of `where`, as a scalar subquery: one round trip for the three of due_lag."""
+    return select(func.min(column)).where(*where).scalar_subquery()
 
 
 def paused_reason(conn: Connection, now: datetime) -> str | None:
