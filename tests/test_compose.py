@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
 import subprocess
@@ -22,7 +23,8 @@ ENV_EXAMPLE_VALUES = dict(
     if line.strip() and not line.lstrip().startswith("#")
 )
 ENV_EXAMPLE = set(ENV_EXAMPLE_VALUES)
-BILLING_SERVICES = ("migrate", "sandbox", "worker", "beat", "flower")
+BILLING_SERVICES = ("migrate", "sandbox", "worker", "beat", "flower", "metrics")
+MONITORING = ("prometheus", "grafana")
 
 
 class _ComposeLoader(yaml.SafeLoader):
@@ -87,7 +89,18 @@ def _depends(service: str) -> dict[str, str]:
 
 
 def test_the_stack_has_every_service() -> None:
-    assert set(SERVICES) == {"postgres", "redis", "migrate", "sandbox", "worker", "beat", "flower"}
+    assert set(SERVICES) == {
+        "postgres",
+        "redis",
+        "migrate",
+        "sandbox",
+        "worker",
+        "beat",
+        "flower",
+        "metrics",
+        "prometheus",
+        "grafana",
+    }
 
 
 @pytest.mark.parametrize("service", BILLING_SERVICES)
@@ -158,9 +171,9 @@ def test_flower_options_used_exist_in_the_installed_flower() -> None:
     assert "basic-auth" in known  # FLOWER_BASIC_AUTH maps onto it
 
 
-@pytest.mark.parametrize("service", ["beat", "flower"])
-def test_beat_and_flower_get_no_database_or_gateway_secrets(service: str) -> None:
-    environment = SERVICES[service]["environment"]
+@pytest.mark.parametrize("service", ["beat", "flower", *MONITORING])
+def test_beat_flower_and_monitoring_get_no_database_or_gateway_secrets(service: str) -> None:
+    environment = SERVICES[service].get("environment", {})
     assert not {"TPAGA_PRIVATE_KEY", "TPAGA_PUBLIC_KEY", "DATABASE_URL"} & set(environment)
 
 
@@ -305,3 +318,59 @@ def test_env_example_holds_no_real_secret() -> None:
     assert values["TPAGA_PRIVATE_KEY"] == DEFAULT_PRIVATE_KEY
     assert values["TPAGA_PUBLIC_KEY"] == DEFAULT_PUBLIC_KEY
     assert "change-me" in values["POSTGRES_PASSWORD"]
+
+
+# --- metrics and the monitoring profile ------------------------------------------------------------------
+
+
+def test_the_metrics_service_serves_on_the_documented_port_with_the_database_only() -> None:
+    metrics = SERVICES["metrics"]
+    assert metrics["command"] == ["billing", "metrics", "serve", "--host", "0.0.0.0", "--port", "9108"]
+    assert set(metrics["environment"]) == {"DATABASE_URL", "BILLING_CLOCK"}
+    assert metrics["environment"]["DATABASE_URL"] == SERVICES["worker"]["environment"]["DATABASE_URL"]
+    assert metrics["ports"] == ["127.0.0.1:9108:9108"]
+    assert _depends("metrics") == {"migrate": "service_completed_successfully"}
+    assert "profiles" not in metrics
+
+
+@pytest.mark.parametrize("service", MONITORING)
+def test_prometheus_and_grafana_start_only_with_the_monitoring_profile_on_loopback(service: str) -> None:
+    spec = SERVICES[service]
+    assert spec["profiles"] == ["monitoring"]
+    assert re.fullmatch(r"[a-z/]+:v?\d+\.\d+\.\d+", spec["image"])  # pinned, never :latest
+    assert all(port.startswith("127.0.0.1:") for port in spec["ports"])
+
+
+def _mounts(service: str) -> dict[str, str]:
+    pairs = (volume.split(":")[:2] for volume in SERVICES[service]["volumes"])
+    return {target: source for source, target in pairs}
+
+
+def test_prometheus_scrapes_billing_and_flower_with_the_alert_rules() -> None:
+    mounts = _mounts("prometheus")
+    assert mounts["/etc/prometheus"] == "./deploy/prometheus"
+    config = yaml.safe_load((ROOT / "deploy" / "prometheus" / "prometheus.yml").read_text())
+    assert "--config.file=/etc/prometheus/prometheus.yml" in SERVICES["prometheus"]["command"]
+    assert config["rule_files"] == ["alerts.yml"]
+    assert (ROOT / "deploy" / "prometheus" / "alerts.yml").is_file()
+    targets = {
+        job["job_name"]: (job.get("metrics_path", "/metrics"), job["static_configs"][0]["targets"])
+        for job in config["scrape_configs"]
+    }
+    port = SERVICES["metrics"]["command"][-1]
+    assert targets == {"billing": ("/metrics", [f"metrics:{port}"]), "flower": ("/metrics", ["flower:5555"])}
+    assert "--port=5555" in SERVICES["flower"]["command"]
+
+
+def test_grafana_is_provisioned_with_prometheus_and_the_billing_dashboard() -> None:
+    mounts = _mounts("grafana")
+    assert mounts["/etc/grafana/provisioning"] == "./deploy/grafana/provisioning"
+    assert mounts["/etc/grafana/dashboards/billing.json"] == "./deploy/grafana/billing.json"
+    provisioning = ROOT / "deploy" / "grafana" / "provisioning"
+    source = yaml.safe_load((provisioning / "datasources" / "prometheus.yml").read_text())["datasources"][0]
+    assert source["url"] == "http://prometheus:9090" and source["type"] == "prometheus"
+    provider = yaml.safe_load((provisioning / "dashboards" / "billing.yml").read_text())["providers"][0]
+    assert provider["options"]["path"] == "/etc/grafana/dashboards"
+    dashboard = json.loads((ROOT / "deploy" / "grafana" / "billing.json").read_text())
+    assert {panel["datasource"]["uid"] for panel in dashboard["panels"]} == {source["uid"]}
+    assert SERVICES["grafana"]["environment"]["GF_AUTH_ANONYMOUS_ENABLED"] == "false"

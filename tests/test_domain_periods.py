@@ -427,3 +427,29 @@ def test_catching_up_never_skips_or_duplicates_a_period(
         opened += due
         next_index = due[-1] + 1
     assert opened == list(range(period_index_at(anchor, now, interval, count, tz) + 1))
+
+
+@pytest.mark.parametrize(
+    ("interval", "count", "share"),
+    [
+        ("month", 1, (1, 1)),
+        ("month", 3, (1, 3)),
+        ("year", 1, (1, 12)),
+        ("year", 2, (1, 24)),
+        ("week", 1, (52, 12)),
+        ("week", 2, (26, 12)),
+        ("day", 1, (365, 12)),
+        ("day", 30, (365, 360)),
+    ],
+)
+def test_monthly_share_is_a_twelfth_of_a_year_of_periods(interval: str, count: int, share: tuple[int, int]) -> None:
+    from fractions import Fraction
+
+    assert periods.monthly_share(interval, count) == Fraction(*share)
+
+
+def test_monthly_share_refuses_bad_terms() -> None:
+    with pytest.raises(ValueError, match="unknown interval"):
+        periods.monthly_share("fortnight", 1)
+    with pytest.raises(ValueError, match="count must be >= 1"):
+        periods.monthly_share("month", 0)

@@ -20,7 +20,7 @@ def _register() -> None:
     main.add_command(db.db)
     main.add_command(demo.demo)
 
-    from billing.cli import catalog, events, ops, seed, webhooks
+    from billing.cli import catalog, events, metrics, ops, seed, webhooks
 
     for command in (catalog.plans, catalog.customers, catalog.cards, catalog.subscriptions, seed.seed):
         main.add_command(command)
@@ -28,6 +28,7 @@ def _register() -> None:
     main.add_command(events.events)
     for command in (ops.tick, ops.status, ops.report, ops.review, ops.refund, ops.resume, ops.clock):
         main.add_command(command)
+    main.add_command(metrics.metrics)
 
 
 _register()

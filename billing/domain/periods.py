@@ -11,6 +11,7 @@ import calendar
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
+from fractions import Fraction
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from billing.domain.clock_rules import BOGOTA, require_aware
@@ -181,3 +182,13 @@ def trial_end(start: datetime, trial_days: int, tz: str = BOGOTA) -> datetime:
         return _to_utc(_shift_local(local, trial_days, Interval.DAY, 1))
     except (OverflowError, ValueError):
         raise ValueError(f"a trial of {trial_days} days from {start} is out of range") from None
+
+
+# A month is a twelfth of a year: 52 weeks and 365 days a year (the usual MRR convention; leap days ignored).
+_PERIODS_PER_YEAR = {Interval.DAY: 365, Interval.WEEK: 52, Interval.MONTH: 12, Interval.YEAR: 1}
+
+
+def monthly_share(interval: Interval | str, count: int) -> Fraction:
+    """The share of one period's amount that falls in a month (for MRR): 1/3 for every 3 months, 52/12 weekly."""
+    _require_int("count", count, 1)
+    return Fraction(_PERIODS_PER_YEAR[_interval(interval)], 12 * count)
