@@ -27,5 +27,10 @@ def _register() -> None:
     for command in (ops.tick, ops.status, ops.report, ops.review, ops.refund, ops.resume, ops.clock):
         main.add_command(command)
 
+    from billing.cli import inspect
+
+    main.add_command(inspect.invoices)
+    catalog.subscriptions.add_command(inspect.subscriptions_show)
+
 
 _register()

@@ -11,6 +11,8 @@ import click
 
 from billing.cli.common import (
     ID,
+    actor_options,
+    by_option,
     database_option,
     echo_json,
     echo_table,
@@ -19,6 +21,7 @@ from billing.cli.common import (
     handle_errors,
     json_option,
     load_settings,
+    make_actor,
     open_context,
     parse_when,
     session_scope,
@@ -209,12 +212,21 @@ def review_list(ctx: click.Context, limit: int, show_all: bool, as_json: bool, d
     help="What Tpaga's records say: the card WAS charged (needs --charge-id) or was NOT.",
 )
 @click.option("--charge-id", default=None, help="The Tpaga charge id of the approved charge (with --charged).")
+@actor_options
 @database_option
 @handle_errors
-def review_resolve(invoice_id: int, charged: bool | None, charge_id: str | None, database_url: str | None) -> None:
+def review_resolve(
+    invoice_id: int,
+    charged: bool | None,
+    charge_id: str | None,
+    by: str | None,
+    reason: str | None,
+    database_url: str | None,
+) -> None:
     """Settle an invoice in review: --charged --charge-id ID (verified at Tpaga), or --not-charged."""
     from billing.services import reconcile
 
+    actor = make_actor(by, reason)
     if charged is None:
         raise click.UsageError("say what happened: --charged --charge-id ID, or --not-charged")
     if charged and not (charge_id and charge_id.strip()):
@@ -223,7 +235,11 @@ def review_resolve(invoice_id: int, charged: bool | None, charge_id: str | None,
         raise click.UsageError("--charge-id goes with --charged, not --not-charged")
     with open_context(load_settings(database_url)) as ctx:
         outcome = reconcile.resolve_review(
-            ctx, invoice_id=invoice_id, charged=charged, tpaga_charge_id=charge_id.strip() if charge_id else None
+            ctx,
+            invoice_id=invoice_id,
+            charged=charged,
+            tpaga_charge_id=charge_id.strip() if charge_id else None,
+            actor=actor,
         )
     messages = {
         "approved": f"invoice {invoice_id} resolved as charged: paid",
@@ -241,10 +257,11 @@ def review_resolve(invoice_id: int, charged: bool | None, charge_id: str | None,
 @click.command()
 @click.argument("invoice_id", type=ID)
 @click.option("--reason", required=True, help="Why (kept with the refund; at most 255 characters).")
+@by_option
 @json_option
 @database_option
 @handle_errors
-def refund(invoice_id: int, reason: str, as_json: bool, database_url: str | None) -> None:
+def refund(invoice_id: int, reason: str, by: str | None, as_json: bool, database_url: str | None) -> None:
     """Request a refund (void) of an invoice's charge; it runs on the next `billing tick` or worker run.
 
     A second request for the same charge returns the first refund. Outside the void window the refund is
@@ -252,8 +269,9 @@ def refund(invoice_id: int, reason: str, as_json: bool, database_url: str | None
     """
     from billing.services.refunds import request_refund
 
+    actor = make_actor(by, None)  # the refund's own --reason is checked, and recorded, by the service
     with open_context(load_settings(database_url)) as ctx:
-        outcome = request_refund(ctx, invoice_id=invoice_id, reason=reason)
+        outcome = request_refund(ctx, invoice_id=invoice_id, reason=reason, actor=actor)
     if as_json:
         echo_json(outcome.as_dict())
         return
@@ -266,14 +284,16 @@ def refund(invoice_id: int, reason: str, as_json: bool, database_url: str | None
 
 
 @click.command()
+@actor_options
 @database_option
 @handle_errors
-def resume(database_url: str | None) -> None:
+def resume(by: str | None, reason: str | None, database_url: str | None) -> None:
     """Lift a billing pause (set after Tpaga rejected the API key or a merchant-configuration decline)."""
     from billing.services.pause import resume_billing
 
+    actor = make_actor(by, reason)
     with open_context(load_settings(database_url)) as ctx:
-        lifted = resume_billing(ctx)
+        lifted = resume_billing(ctx, actor=actor)
     click.echo("billing resumed" if lifted else "billing was not paused")
 
 

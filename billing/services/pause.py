@@ -16,6 +16,7 @@ from billing.db.models import Control
 from billing.gateway import errors as gw
 from billing.services import events
 from billing.services.context import Context
+from billing.services.operators import Actor
 
 
 class PauseReason(StrEnum):
@@ -67,15 +68,18 @@ def note_reached(ctx: Context, session: Session, *, force: bool = False) -> None
     ctx.reached_noted_at = mono
 
 
-def resume_billing(ctx: Context) -> bool:
-    """Lift a pause; returns whether one was lifted."""
+def resume_billing(ctx: Context, actor: Actor | None = None) -> bool:
+    """Lift a pause; returns whether one was lifted. The `actor` (an operator) is recorded with it."""
     now = ctx.clock.now()
     with ctx.unit_of_work() as session:
-        if control.get_pause(session) is None:
+        pause = control.get_pause(session)
+        if pause is None:
             return False
         control.delete_value(session, control.PAUSE_KEY)
         note_reached(ctx, session, force=True)
         events.record(session, now, "billing.resumed")
+        if actor is not None:
+            actor.record(session, now, "billing.resume", paused_for=pause.get("reason"))
         return True
 
 

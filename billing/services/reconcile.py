@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
@@ -16,6 +17,7 @@ from billing.gateway import errors as gw
 from billing.services.charging.outcomes import abandon_unsent, mark_unknown, resolve_not_charged, settle_from_charge
 from billing.services.context import Context
 from billing.services.errors import InvalidRequest, NotFound
+from billing.services.operators import Actor
 
 log = logging.getLogger("billing.reconcile")
 
@@ -106,8 +108,16 @@ def review_count(session: Session) -> int:
     return int(session.execute(query).scalar_one())
 
 
-def resolve_review(ctx: Context, *, invoice_id: int, charged: bool, tpaga_charge_id: str | None = None) -> str:
-    """An operator settles a review item: charged (verified by a GET on the given charge id) or not charged."""
+def resolve_review(
+    ctx: Context,
+    *,
+    invoice_id: int,
+    charged: bool,
+    tpaga_charge_id: str | None = None,
+    actor: Actor | None = None,
+) -> str:
+    """An operator settles a review item: charged (verified by a GET on the given charge id) or not charged.
+    The `actor`, when given, is recorded with the settlement (an `operator.action` event)."""
     with ctx.sessions() as session:
         invoice = session.get(Invoice, invoice_id)
         if invoice is None:
@@ -132,12 +142,35 @@ def resolve_review(ctx: Context, *, invoice_id: int, charged: bool, tpaga_charge
             raise InvalidRequest("that charge belongs to another order, not to this invoice's attempt")
         if not charge.paid:
             raise InvalidRequest("Tpaga says that charge is not paid; resolve as not charged instead")
-        return settle_from_charge(ctx, invoice_id, attempt.id, charge, by="operator")
+        note = _resolved_by(actor, "review.resolve", invoice_id, attempt.id, charge_id=charge.id)
+        return settle_from_charge(ctx, invoice_id, attempt.id, charge, by="operator", note=note)
     now = ctx.clock.now()
     with ctx.unit_of_work() as session:
         if not resolve_not_charged(session, now, invoice_id, attempt.id if attempt else None):
             raise InvalidRequest(f"invoice {invoice_id} was settled meanwhile; nothing changed")
+        if actor is not None:
+            actor.record(
+                session,
+                now,
+                "review.resolve",
+                invoice_id=invoice_id,
+                attempt_id=attempt.id if attempt else None,
+                outcome="not_charged",
+            )
     return "not_charged"
+
+
+def _resolved_by(
+    actor: Actor | None, action: str, invoice_id: int, attempt_id: int, **data: Any
+) -> Callable[[Session, datetime, str], None] | None:
+    """The hook that records an operator's settlement in its own transaction (see settle_from_charge)."""
+    if actor is None:
+        return None
+
+    def note(session: Session, now: datetime, outcome: str) -> None:
+        actor.record(session, now, action, invoice_id=invoice_id, attempt_id=attempt_id, outcome=outcome, **data)
+
+    return note
 
 
 def due_invoice_ids(session: Session, now: datetime, limit: int = 1000) -> list[int]:

@@ -298,9 +298,20 @@ def abandon_unsent(session: Session, now: datetime, invoice_id: int, attempt_id:
     return True
 
 
-def settle_from_charge(ctx: Context, invoice_id: int, attempt_id: int, charge: Charge, *, by: str) -> str:
+def settle_from_charge(
+    ctx: Context,
+    invoice_id: int,
+    attempt_id: int,
+    charge: Charge,
+    *,
+    by: str,
+    note: Callable[[Session, datetime, str], None] | None = None,
+) -> str:
     """Apply what Tpaga says about a charge (a lookup's or an operator's) to an unknown attempt: `approved`,
-    `voided` (approved, then voided at Tpaga: recorded with its refund), `declined` or `still_unknown`."""
+    `voided` (approved, then voided at Tpaga: recorded with its refund), `declined` or `still_unknown`.
+
+    `note` sees the session, the time and the outcome of a settlement that happened, before it commits (an
+    operator's audit event)."""
     now = ctx.clock.now()
     answer = Answer.of_charge(invoice_id, attempt_id, charge, http_status=None)
     voided = charge.voided or (not charge.paid and charge.error_code == "00")
@@ -326,6 +337,8 @@ def settle_from_charge(ctx: Context, invoice_id: int, attempt_id: int, charge: C
         events.record(
             session, now, "attempt.resolved", invoice_id=invoice_id, attempt_id=attempt_id, outcome=outcome, by=by
         )
+        if note is not None:
+            note(session, now, outcome)
         return outcome
 
 
