@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session
 
 from billing.db import bulk
 from billing.db.models import ChargeAttempt, Invoice
+from billing.domain.money import Money
 from billing.domain.states import AttemptState, InvoiceState
 from billing.gateway import errors as gw
 from billing.services.charging.outcomes import abandon_unsent, mark_unknown, resolve_not_charged, settle_from_charge
@@ -71,10 +72,13 @@ def resolve_unknown_by_lookup(ctx: Context, limit: int = 100) -> dict[str, int]:
     return counts
 
 
-def review_queue(session: Session, limit: int | None = 100) -> list[dict[str, Any]]:
-    """Invoices waiting for an operator, oldest first, with the attempt that blocks them; None means all."""
+def review_queue(session: Session, limit: int | None = 100, offset: int = 0) -> list[dict[str, Any]]:
+    """Invoices waiting for an operator, oldest first, with the attempt that blocks them; None means all.
+    `offset` skips that many of the oldest (pages)."""
     if limit is not None and limit < 1:
         raise InvalidRequest(f"limit must be at least 1, got {limit}")
+    if offset < 0:
+        raise InvalidRequest(f"offset must not be negative, got {offset}")
     query = (
         select(Invoice, ChargeAttempt)
         .outerjoin(
@@ -85,6 +89,8 @@ def review_queue(session: Session, limit: int | None = 100) -> list[dict[str, An
         # The id breaks ties so that a page is the same page on every run.
         .order_by(Invoice.updated_at, Invoice.id)
     )
+    if offset:
+        query = query.offset(offset)
     rows = session.execute(query if limit is None else query.limit(limit)).all()
     return [
         {
@@ -99,6 +105,36 @@ def review_queue(session: Session, limit: int | None = 100) -> list[dict[str, An
             "since": inv.updated_at.isoformat(),
         }
         for inv, att in rows
+    ]
+
+
+def review_export(session: Session) -> list[dict[str, Any]]:
+    """Every invoice in review, oldest first, with what a search of Tpaga's transaction report needs: the
+    orderId, the amount, and when the request may have reached Tpaga (from `sent_at` to `flagged_at`)."""
+    query = (
+        select(Invoice, ChargeAttempt)
+        .outerjoin(
+            ChargeAttempt,
+            (ChargeAttempt.invoice_id == Invoice.id) & (ChargeAttempt.state == AttemptState.UNKNOWN),
+        )
+        .where(Invoice.state == InvoiceState.REVIEW)
+        .order_by(Invoice.updated_at, Invoice.id)
+    )
+    return [
+        {
+            "invoice_id": inv.id,
+            "subscription_id": inv.subscription_id,
+            "attempt_id": att.id if att else None,
+            "order_id": att.order_id if att else None,
+            "amount": str(Money(inv.amount_minor, inv.currency).major),
+            "currency": inv.currency,
+            "sent_at": (att.sent_at or att.created_at).isoformat() if att else None,
+            "flagged_at": att.finished_at.isoformat() if att and att.finished_at else None,
+            "charge_id_known": bool(att and att.tpaga_charge_id),
+            "reason": inv.review_reason,
+            "since": inv.updated_at.isoformat(),
+        }
+        for inv, att in session.execute(query).all()
     ]
 
 
