@@ -197,3 +197,21 @@ def test_subscriptions_show_refuses_what_names_nothing(gw: Cli) -> None:
         "subscriptions", "show", "1", "--external-id", "x", match="give a subscription id or --external-id", code=2
     )
     gw.fails("subscriptions", "show", "abc", match="'abc' is not a valid integer", code=2)
+
+
+def test_pause_resume_and_cancel_by_external_id_record_who_and_why_with_the_command(gw: Cli, sandbox: Any) -> None:
+    sub = subscribe(gw, sandbox, APPROVES)
+    set_external_id(gw, sub, "shop:sub-7")
+
+    gw.ok("subscriptions", "pause", "--external-id", "shop:sub-7", "--by", "ana", "--reason", "card dispute")
+    gw.ok("subscriptions", "pause", "--external-id", "shop:sub-7", "--reason", "again")  # already paused
+    gw.ok("subscriptions", "resume", str(sub), "--reason", "dispute settled")
+    gw.ok("subscriptions", "cancel", "--external-id", "shop:sub-7", "--at-period-end", "--by", "ana")
+
+    assert [(a["action"], a["by"], a["reason"], a["subscription_id"]) for a in actions(gw)] == [
+        ("subscription.pause", "ana", "card dispute", sub),
+        ("subscription.resume", "bob", "dispute settled", sub),
+        ("subscription.cancel", "ana", None, sub),
+    ]
+    assert actions(gw)[-1]["at_period_end"] is True
+    gw.fails("subscriptions", "resume", str(sub), "--by", "", match="--by must be a non-empty string", code=2)
