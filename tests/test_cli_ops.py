@@ -219,26 +219,33 @@ def fill_review_queue(cli: Cli, sandbox: Any, count: int) -> None:
     requests.post(sandbox.base_url + "__sandbox/faults", json={"errorRate": 0.0}, timeout=10).raise_for_status()
 
 
-def test_review_list_says_how_many_are_in_review_and_pages_with_limit_and_all(gw: Cli, sandbox: Any) -> None:
+def test_review_list_says_how_many_are_in_review_and_pages_with_limit_page_and_all(gw: Cli, sandbox: Any) -> None:
     fill_review_queue(gw, sandbox, 103)
 
     table = gw.ok("review", "list").output
     default = gw.ok("review", "list", "--json")
     first_five = gw.ok("review", "list", "--json", "--limit", "5")
+    second_page = gw.ok("review", "list", "--json", "--page", "2")
+    third_of_fifty = gw.ok("review", "list", "--limit", "50", "--page", "3").output
     everything = gw.ok("review", "list", "--json", "--all")
 
     rows = [line for line in table.splitlines() if line.split() and line.split()[0].isdigit()]
     assert len(rows) == 100
-    assert table.rstrip().endswith("showing 100 of 103; --all or --limit N to see more")
+    assert table.rstrip().endswith("showing 1-100 of 103 (page 1 of 2); --page 2 for the next, --all for every one")
     page, page_count = json.loads(default.stdout), json.loads(default.stderr)
-    assert len(page) == 100 and page_count == {"total": 103, "shown": 100}
+    assert len(page) == 100 and page_count == {"total": 103, "shown": 100, "page": 1, "pages": 2}
     assert json.loads(first_five.stdout) == page[:5]  # oldest first, the same order on every run
-    assert json.loads(first_five.stderr) == {"total": 103, "shown": 5}
+    assert json.loads(first_five.stderr) == {"total": 103, "shown": 5, "page": 1, "pages": 21}
     every = json.loads(everything.stdout)
     assert len({r["invoice_id"] for r in every}) == 103 and every[:100] == page
-    assert json.loads(everything.stderr) == {"total": 103, "shown": 103}
+    assert json.loads(second_page.stdout) == every[100:]
+    assert json.loads(second_page.stderr) == {"total": 103, "shown": 3, "page": 2, "pages": 2}
+    assert third_of_fifty.rstrip().endswith("showing 101-103 of 103 (page 3 of 3); the last page, --all for every one")
+    assert json.loads(everything.stderr) == {"total": 103, "shown": 103, "page": 1, "pages": 1}
     assert gw.ok("review", "list", "--all").output.rstrip().endswith("103 in review")
-    assert "showing 103 of 103" not in gw.ok("review", "list", "--limit", "200").output
+    assert "showing" not in gw.ok("review", "list", "--limit", "200").output
+    past = gw.ok("review", "list", "--page", "3")
+    assert "page 3 is past the end: 103 in review, 2 page(s) of 100" in past.output
 
 
 def test_review_list_refuses_bad_limits_and_changes_nothing(gw: Cli, sandbox: Any) -> None:
@@ -248,7 +255,9 @@ def test_review_list_refuses_bad_limits_and_changes_nothing(gw: Cli, sandbox: An
     gw.fails("review", "list", "--limit", "0", match="Invalid value for '--limit'", code=2)
     gw.fails("review", "list", "--limit", "-1", match="Invalid value for '--limit'", code=2)
     gw.fails("review", "list", "--limit", "abc", match="'abc' is not a valid integer", code=2)
+    gw.fails("review", "list", "--page", "0", match="Invalid value for '--page'", code=2)
     gw.fails("review", "list", "--all", "--limit", "5", match="--all and --limit exclude each other", code=2)
+    gw.fails("review", "list", "--all", "--page", "2", match="--all and --page exclude each other", code=2)
 
     assert gw.json("status") == before
     assert len(gw.json("review", "list")) == 2

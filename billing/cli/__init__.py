@@ -30,5 +30,10 @@ def _register() -> None:
         main.add_command(command)
     main.add_command(metrics.metrics)
 
+    from billing.cli import inspect
+
+    main.add_command(inspect.invoices)
+    catalog.subscriptions.add_command(inspect.subscriptions_show)
+
 
 _register()

@@ -18,6 +18,7 @@ import click
 
 from billing.cli.common import (
     ID,
+    actor_options,
     database_option,
     echo_json,
     echo_table,
@@ -26,6 +27,7 @@ from billing.cli.common import (
     handle_errors,
     json_option,
     load_settings,
+    make_actor,
     open_context,
     parse_when,
     session_scope,
@@ -65,6 +67,19 @@ def _at_once() -> Iterator[None]:
         if exc.give_up is not None:
             exc.give_up(reason)
         raise click.ClickException(reason) from None
+
+
+def _audit(actor: Any, action: str, **data: Any) -> Any:
+    """The hook that records the operator with a change, in its transaction (a cancel's `record`, a command's
+    `Meta.on_applied`); a call that changed nothing records nothing."""
+
+    def record(session: Any, now: Any, result: dict[str, Any]) -> None:
+        if result.get("changed"):
+            if action == "subscription.cancel":
+                data["at_period_end"] = "cancel_at" in result
+            actor.record(session, now, action, subscription_id=result.get("subscription_id"), **data)
+
+    return record
 
 
 def _one_of(first: str, a: object, second: str, b: object) -> None:
@@ -658,6 +673,7 @@ def _subscription_name(subscription_id: int, external_id: str | None) -> str:
 @click.option(
     "--refund-last-charge", is_flag=True, help="Also void the last paid charge (only inside the void window)."
 )
+@actor_options
 @json_option
 @database_option
 @handle_errors
@@ -666,14 +682,18 @@ def subscriptions_cancel(
     external_id: str | None,
     at_period_end: bool,
     refund_last_charge: bool,
+    by: str | None,
+    reason: str | None,
     as_json: bool,
     database_url: str | None,
 ) -> None:
     """Cancel a subscription (SUBSCRIPTION_ID or --external-id) now, or at the end of its period."""
     from billing.services import commands
+    from billing.services.ledger import Meta
     from billing.services.subscriptions import cancel_subscription
 
     _one_of("SUBSCRIPTION_ID", subscription_id, "--external-id", external_id)
+    audit = _audit(make_actor(by, reason), "subscription.cancel", refund_last_charge=refund_last_charge)
     with open_context(load_settings(database_url)) as ctx:
         if external_id is None:
             assert subscription_id is not None
@@ -682,6 +702,7 @@ def subscriptions_cancel(
                 subscription_id=subscription_id,
                 at_period_end=at_period_end,
                 refund_last_charge=refund_last_charge,
+                record=audit,
             )
         else:
             with _at_once():
@@ -690,6 +711,7 @@ def subscriptions_cancel(
                     external_subscription_id=external_id,
                     at_period_end=at_period_end,
                     refund_last_charge=refund_last_charge,
+                    meta=Meta(on_applied=audit),
                 )
     if as_json:
         echo_json(result)
@@ -731,6 +753,7 @@ def _external_id_of(ctx: Any, subscription_id: int | None, external_id: str | No
     default=None,
     help="Resume by itself then (ISO 8601; a time without offset is UTC) [default: never].",
 )
+@actor_options
 @json_option
 @database_option
 @handle_errors
@@ -738,18 +761,24 @@ def subscriptions_pause(
     subscription_id: int | None,
     external_id: str | None,
     resumes_at: str | None,
+    by: str | None,
+    reason: str | None,
     as_json: bool,
     database_url: str | None,
 ) -> None:
     """Pause a subscription (as `billing.pause_subscription`): no invoice is opened and nothing is charged until
     it is resumed."""
     from billing.services import commands
+    from billing.services.ledger import Meta
 
     when = parse_when(resumes_at, "--resumes-at")
+    audit = _audit(make_actor(by, reason), "subscription.pause", resumes_at=when.isoformat() if when else None)
     with open_context(load_settings(database_url)) as ctx:
         target = _external_id_of(ctx, subscription_id, external_id)
         with _at_once():
-            result = commands.pause_subscription(ctx, external_subscription_id=target, resumes_at=when)
+            result = commands.pause_subscription(
+                ctx, external_subscription_id=target, resumes_at=when, meta=Meta(on_applied=audit)
+            )
     if as_json:
         echo_json(result)
         return
@@ -761,20 +790,28 @@ def subscriptions_pause(
 @subscriptions.command("resume")
 @click.argument("subscription_id", type=ID, required=False)
 @click.option("--external-id", default=None, help="Or the subscription by your app's external id.")
+@actor_options
 @json_option
 @database_option
 @handle_errors
 def subscriptions_resume(
-    subscription_id: int | None, external_id: str | None, as_json: bool, database_url: str | None
+    subscription_id: int | None,
+    external_id: str | None,
+    by: str | None,
+    reason: str | None,
+    as_json: bool,
+    database_url: str | None,
 ) -> None:
     """Resume a paused subscription (as `billing.resume_subscription`): its anchor is kept; the current period
     is billed if it became due, the periods skipped while paused never are."""
     from billing.services import commands
+    from billing.services.ledger import Meta
 
+    audit = _audit(make_actor(by, reason), "subscription.resume")
     with open_context(load_settings(database_url)) as ctx:
         target = _external_id_of(ctx, subscription_id, external_id)
         with _at_once():
-            result = commands.resume_subscription(ctx, external_subscription_id=target)
+            result = commands.resume_subscription(ctx, external_subscription_id=target, meta=Meta(on_applied=audit))
     if as_json:
         echo_json(result)
         return

@@ -289,3 +289,30 @@ def parse_when(value: str | None, name: str) -> datetime | None:
             param_hint=name,
         ) from None
     return when.replace(tzinfo=UTC) if when.tzinfo is None else when
+
+
+# --- who acts ----------------------------------------------------------------------------------------------
+
+
+def by_option(func: Callable[P, R]) -> Callable[P, R]:
+    """`--by`: who acts, recorded with the change (an `operator.action` event); default the OS user."""
+    return click.option(
+        "--by", "by", default=None, metavar="NAME", help="Who acts (recorded with the change) [default: the OS user]."
+    )(func)
+
+
+def actor_options(func: Callable[P, R]) -> Callable[P, R]:
+    """`--by` and `--reason`, both recorded with the change."""
+    func = click.option("--reason", default=None, help="Why (recorded with the change; at most 255 characters).")(func)
+    return by_option(func)
+
+
+def make_actor(by: str | None, reason: str | None) -> Any:
+    """The checked operator of a command; a bad --by or --reason is a usage error that changed nothing."""
+    from billing.services.errors import InvalidRequest
+    from billing.services.operators import Actor
+
+    try:
+        return Actor.of(by, reason)
+    except InvalidRequest as exc:
+        raise click.UsageError(str(exc)) from None

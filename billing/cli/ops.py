@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import json
 import re
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import click
 
 from billing.cli.common import (
     ID,
+    actor_options,
+    by_option,
     database_option,
     echo_json,
     echo_table,
@@ -19,6 +21,7 @@ from billing.cli.common import (
     handle_errors,
     json_option,
     load_settings,
+    make_actor,
     open_context,
     parse_when,
     session_scope,
@@ -153,30 +156,56 @@ def review() -> None:
     show_default=True,
     type=click.IntRange(min=1),
     metavar="N",
-    help="Show the N oldest invoices in review.",
+    help="Show N invoices (a page of N with --page).",
 )
-@click.option("--all", "show_all", is_flag=True, help="Show every invoice in review (instead of --limit).")
+@click.option(
+    "--page",
+    default=1,
+    show_default=True,
+    type=click.IntRange(min=1),
+    metavar="P",
+    help="Show the P-th page of --limit invoices, oldest first.",
+)
+@click.option("--all", "show_all", is_flag=True, help="Show every invoice in review (instead of --limit/--page).")
 @json_option
 @database_option
 @handle_errors
 @click.pass_context
-def review_list(ctx: click.Context, limit: int, show_all: bool, as_json: bool, database_url: str | None) -> None:
-    """Invoices waiting for an operator, oldest first, and how many there are in all.
+def review_list(
+    ctx: click.Context, limit: int, page: int, show_all: bool, as_json: bool, database_url: str | None
+) -> None:
+    """Invoices waiting for an operator, oldest first, a page at a time, and how many there are in all.
 
-    With --json, stdout is the list of invoices and stderr one line {"total": N, "shown": M}.
+    With --json, stdout is the list of invoices and stderr one line {"total": N, "shown": M, "page": P,
+    "pages": Q}.
     """
     from billing.services import reconcile
 
-    if show_all and ctx.get_parameter_source("limit") is not click.core.ParameterSource.DEFAULT:
-        raise click.UsageError("--all and --limit exclude each other: give one of them")
+    explicit = [
+        f"--{name}"
+        for name in ("limit", "page")
+        if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT
+    ]
+    if show_all and explicit:
+        raise click.UsageError(f"--all and {' and '.join(explicit)} exclude each other: give one of them")
+    offset = 0 if show_all else (page - 1) * limit
     with session_scope(load_settings(database_url)) as session:
-        rows = reconcile.review_queue(session, limit=None if show_all else limit)
+        rows = reconcile.review_queue(session, limit=None if show_all else limit, offset=offset)
         # Counted after listing, so a row resolved in between never makes the total smaller than the page.
-        total = max(reconcile.review_count(session), len(rows))
+        count = reconcile.review_count(session)
+        total = max(count, offset + len(rows)) if rows else count
+    size = max(total, 1) if show_all else limit
+    pages = max(1, -(-total // size))
     if as_json:
         echo_json(rows)
         # stdout stays the list it always was (scripts parse it); the count goes beside it.
-        click.echo(json.dumps({"total": total, "shown": len(rows)}), err=True)
+        click.echo(
+            json.dumps({"total": total, "shown": len(rows), "page": 1 if show_all else page, "pages": pages}),
+            err=True,
+        )
+        return
+    if not rows and total:
+        click.echo(f"page {page} is past the end: {total} in review, {pages} page(s) of {limit}")
         return
     echo_table(
         ["invoice", "subscription", "amount", "orderId", "charge id known", "reason", "since"],
@@ -195,9 +224,57 @@ def review_list(ctx: click.Context, limit: int, show_all: bool, as_json: bool, d
         empty="the review queue is empty",
     )
     if len(rows) < total:
-        click.echo(f"showing {len(rows)} of {total}; --all or --limit N to see more")
+        first, last = offset + 1, offset + len(rows)
+        more = f"--page {page + 1} for the next" if last < total else "the last page"
+        click.echo(f"showing {first}-{last} of {total} (page {page} of {pages}); {more}, --all for every one")
     elif rows:
         click.echo(f"{total} in review")
+
+
+@review.command("export")
+@click.option("--csv", "as_csv", is_flag=True, help="CSV (the default and only format; for spreadsheets).")
+@click.option(
+    "--output",
+    "-o",
+    type=click.Path(dir_okay=False, writable=True, allow_dash=True),
+    default="-",
+    show_default=True,
+    help="Write to this file instead of stdout.",
+)
+@database_option
+@handle_errors
+def review_export(as_csv: bool, output: str, database_url: str | None) -> None:
+    """Every invoice in review as CSV: the orderIds, amounts and times to search Tpaga's transaction report.
+
+    A request may have reached Tpaga between `sent_at` and `flagged_at`: download the report for a range that
+    covers them all, then `billing review import` it.
+    """
+    import csv
+
+    from billing.services import reconcile
+
+    with session_scope(load_settings(database_url)) as session:
+        rows = reconcile.review_export(session)
+    columns = [
+        "invoice_id",
+        "subscription_id",
+        "attempt_id",
+        "order_id",
+        "amount",
+        "currency",
+        "sent_at",
+        "flagged_at",
+        "charge_id_known",
+        "reason",
+        "since",
+    ]
+    with click.open_file(output, "w", encoding="utf-8") as out:
+        writer = csv.DictWriter(out, columns, lineterminator="\n")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: ("yes" if v is True else "no" if v is False else v) for k, v in row.items()})
+    if output != "-":
+        click.echo(f"{len(rows)} invoice(s) in review written to {output}", err=True)
 
 
 @review.command("resolve")
@@ -209,12 +286,21 @@ def review_list(ctx: click.Context, limit: int, show_all: bool, as_json: bool, d
     help="What Tpaga's records say: the card WAS charged (needs --charge-id) or was NOT.",
 )
 @click.option("--charge-id", default=None, help="The Tpaga charge id of the approved charge (with --charged).")
+@actor_options
 @database_option
 @handle_errors
-def review_resolve(invoice_id: int, charged: bool | None, charge_id: str | None, database_url: str | None) -> None:
+def review_resolve(
+    invoice_id: int,
+    charged: bool | None,
+    charge_id: str | None,
+    by: str | None,
+    reason: str | None,
+    database_url: str | None,
+) -> None:
     """Settle an invoice in review: --charged --charge-id ID (verified at Tpaga), or --not-charged."""
     from billing.services import reconcile
 
+    actor = make_actor(by, reason)
     if charged is None:
         raise click.UsageError("say what happened: --charged --charge-id ID, or --not-charged")
     if charged and not (charge_id and charge_id.strip()):
@@ -223,7 +309,11 @@ def review_resolve(invoice_id: int, charged: bool | None, charge_id: str | None,
         raise click.UsageError("--charge-id goes with --charged, not --not-charged")
     with open_context(load_settings(database_url)) as ctx:
         outcome = reconcile.resolve_review(
-            ctx, invoice_id=invoice_id, charged=charged, tpaga_charge_id=charge_id.strip() if charge_id else None
+            ctx,
+            invoice_id=invoice_id,
+            charged=charged,
+            tpaga_charge_id=charge_id.strip() if charge_id else None,
+            actor=actor,
         )
     messages = {
         "approved": f"invoice {invoice_id} resolved as charged: paid",
@@ -235,16 +325,187 @@ def review_resolve(invoice_id: int, charged: bool | None, charge_id: str | None,
     click.echo(messages.get(outcome, f"invoice {invoice_id}: {outcome}"))
 
 
+def _report_time(value: str | None, name: str) -> datetime | None:
+    """A bound of the report's range; without an offset it is Tpaga's (Colombian) time, as the dashboard's is."""
+    from billing.services.tpaga_report import TPAGA_TZ
+
+    if value is None:
+        return None
+    try:
+        when = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise click.BadParameter(
+            f"{value!r} is not an ISO 8601 date or time (e.g. 2026-03-10 or 2026-03-10T08:00:00-05:00)",
+            param_hint=name,
+        ) from None
+    return when.replace(tzinfo=TPAGA_TZ) if when.tzinfo is None else when
+
+
+def _parse_margin(text: str) -> timedelta:
+    try:
+        return parse_duration(text) if text.strip() not in ("0", "0s") else timedelta(0)
+    except click.BadParameter as exc:
+        raise click.BadParameter(exc.message, param_hint="--clock-margin") from None
+
+
+@review.command("import")
+@click.argument("report", type=click.Path(exists=True, dir_okay=False, readable=True, allow_dash=False))
+@click.option(
+    "--columns",
+    default=None,
+    metavar="FIELD=COLUMN,...",
+    help="The report's column names for orderId, chargeId, amount, currency, status, date (e.g. "
+    "orderId=Referencia,chargeId=ID); unnamed fields keep their own name.",
+)
+@click.option(
+    "--from",
+    "covered_from",
+    default=None,
+    metavar="ISO",
+    help="Start of the range the report was exported for (without an offset: Colombian time, as Tpaga's).",
+)
+@click.option("--to", "covered_to", default=None, metavar="ISO", help="End of that range (exclusive).")
+@click.option(
+    "--clock-margin",
+    default="60s",
+    show_default=True,
+    metavar="DURATION",
+    help="How far Tpaga's clock may be from ours: an attempt counts as covered only this far inside the range.",
+)
+@click.option(
+    "--void-foreign",
+    is_flag=True,
+    help="Also void charges whose orderId this system never makes (a merchant account used by other sales too "
+    "should not).",
+)
+@click.option("--dry-run", is_flag=True, help="Say what the import would do; change nothing, call nothing.")
+@actor_options
+@json_option
+@database_option
+@handle_errors
+def review_import(
+    report: str,
+    columns: str | None,
+    covered_from: str | None,
+    covered_to: str | None,
+    clock_margin: str,
+    void_foreign: bool,
+    dry_run: bool,
+    by: str | None,
+    reason: str | None,
+    as_json: bool,
+    database_url: str | None,
+) -> None:
+    """Reconcile the review queue with a transaction report downloaded from Tpaga's dashboard (CSV).
+
+    A row for an unknown attempt settles it (verified with a GET of that charge id); an unknown attempt that
+    could only have reached Tpaga inside the report's range and has no row was not charged; a charged row that
+    matches no attempt is voided inside the void window. Without --from/--to the range is the span of the
+    report's own dates. Importing the same report again changes nothing. See docs/operations.md §8.
+    """
+    from pathlib import Path
+
+    from billing.services import review_import as importer
+    from billing.services import tpaga_report
+
+    actor = make_actor(by, reason)
+    start, end = _report_time(covered_from, "--from"), _report_time(covered_to, "--to")
+    if start and end and start >= end:
+        raise click.BadParameter("must be after --from", param_hint="--to")
+    margin = _parse_margin(clock_margin)
+    mapping = tpaga_report.parse_columns(columns)
+    path = Path(report)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise click.ClickException(f"cannot read {report}: {exc.strerror}") from None
+    rows = tpaga_report.read_report(tpaga_report.decode(data, path.name), path.name, mapping)
+    with open_context(load_settings(database_url)) as ctx:
+        if dry_run:
+            todo = importer.prepare(
+                ctx, rows, covered_from=start, covered_to=end, margin=margin, void_foreign=void_foreign
+            )
+            summary = {"dry_run": True, **todo.summary()}
+            if as_json:
+                echo_json(summary)
+            else:
+                _echo_plan(summary)
+            return
+        result = importer.import_report(
+            ctx,
+            rows,
+            actor=actor,
+            source=path.name,
+            digest=importer.sha256(data),
+            covered_from=start,
+            covered_to=end,
+            margin=margin,
+            void_foreign=void_foreign,
+        )
+        with ctx.sessions() as session:
+            from billing.services import reconcile
+
+            in_review = reconcile.review_count(session)
+    done = {**result.as_dict(), "in_review": in_review}
+    if as_json:
+        echo_json(done)
+        return
+    _echo_import(done)
+
+
+def _echo_plan(summary: dict[str, Any]) -> None:
+    click.echo(f"dry run: nothing changed. {summary['rows']} row(s), covering {_range(summary)}")
+    click.echo(
+        f"would verify {summary['to_verify']} charge(s) at Tpaga and settle them, settle {summary['not_charged']} "
+        f"as not charged, and void {summary['orphans_to_void']} charge(s) unknown here"
+    )
+    _echo_items("discrepancies", summary["discrepancies"])
+    _echo_items("left in review", summary["left_in_review"])
+
+
+def _range(summary: dict[str, Any]) -> str:
+    if not summary.get("covered_from"):
+        return "no time range (give --from and --to)"
+    return f"{summary['covered_from']} to {summary['covered_to']}"
+
+
+def _echo_import(done: dict[str, Any]) -> None:
+    settled = done["settled"]
+    click.echo(f"{done['rows']} row(s) covering {_range(done)}; {done['known']} already recorded here")
+    shown = ", ".join(f"{k} {v}" for k, v in settled.items() if v)
+    click.echo(f"settled      {sum(settled.values())}" + (f" ({shown})" if shown else ""))
+    voided = done["orphans_voided"]
+    already = done["orphans_already_voided"]
+    click.echo(
+        f"voided       {len(voided)} charge(s) unknown here" + (f" ({already} already voided)" if already else "")
+    )
+    for item in voided:
+        click.echo(f"  {item['charge_id']}  orderId {item['order_id'] or '-'}  {item['amount']} {item['currency']}")
+    _echo_items("discrepancies", done["discrepancies"])
+    _echo_items("left in review", done["left_in_review"])
+    click.echo(f"{done['in_review']} in review now" + ("" if done["in_review"] else ": the queue is empty"))
+
+
+def _echo_items(title: str, items: list[dict[str, Any]]) -> None:
+    click.echo(f"{title:<12} {len(items)}")
+    for item in items:
+        where = f"line {item['line']}: " if "line" in item else ""
+        what = item.get("order_id") or item.get("charge_id") or f"invoice {item.get('invoice_id')}"
+        invoice = f" (invoice {item['invoice_id']})" if item.get("invoice_id") and "line" in item else ""
+        click.echo(f"  {where}{what}{invoice}: {item['kind']}: {item['detail']}")
+
+
 # --- refund and resume -----------------------------------------------------------------------------------
 
 
 @click.command()
 @click.argument("invoice_id", type=ID)
 @click.option("--reason", required=True, help="Why (kept with the refund; at most 255 characters).")
+@by_option
 @json_option
 @database_option
 @handle_errors
-def refund(invoice_id: int, reason: str, as_json: bool, database_url: str | None) -> None:
+def refund(invoice_id: int, reason: str, by: str | None, as_json: bool, database_url: str | None) -> None:
     """Request a refund (void) of an invoice's charge; it runs on the next `billing tick` or worker run.
 
     A second request for the same charge returns the first refund. Outside the void window the refund is
@@ -252,8 +513,9 @@ def refund(invoice_id: int, reason: str, as_json: bool, database_url: str | None
     """
     from billing.services.refunds import request_refund
 
+    actor = make_actor(by, None)  # the refund's own --reason is checked, and recorded, by the service
     with open_context(load_settings(database_url)) as ctx:
-        outcome = request_refund(ctx, invoice_id=invoice_id, reason=reason)
+        outcome = request_refund(ctx, invoice_id=invoice_id, reason=reason, actor=actor)
     if as_json:
         echo_json(outcome.as_dict())
         return
@@ -266,14 +528,16 @@ def refund(invoice_id: int, reason: str, as_json: bool, database_url: str | None
 
 
 @click.command()
+@actor_options
 @database_option
 @handle_errors
-def resume(database_url: str | None) -> None:
+def resume(by: str | None, reason: str | None, database_url: str | None) -> None:
     """Lift a billing pause (set after Tpaga rejected the API key or a merchant-configuration decline)."""
     from billing.services.pause import resume_billing
 
+    actor = make_actor(by, reason)
     with open_context(load_settings(database_url)) as ctx:
-        lifted = resume_billing(ctx)
+        lifted = resume_billing(ctx, actor=actor)
     click.echo("billing resumed" if lifted else "billing was not paused")
 
 

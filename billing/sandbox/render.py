@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 from typing import Any
 
@@ -109,3 +111,27 @@ def ledger(charges: list[Charge], refunds: list[tuple[RefundRecord, Charge]]) ->
         "charges": [ledger_charge(c) for c in charges],
         "refunds": [ledger_refund(r, c) for r, c in refunds],
     }
+
+
+# The transaction report's columns (docs/operations.md §8): the format `billing review import` reads by default.
+REPORT_COLUMNS = ("orderId", "chargeId", "amount", "currency", "status", "errorCode", "date")
+
+
+def report_csv(charges: list[Charge]) -> bytes:
+    """The merchant dashboard's transaction report as CSV: one line per charge, its status as it is now."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\r\n")
+    writer.writerow(REPORT_COLUMNS)
+    for c in charges:
+        writer.writerow(
+            (
+                c.request.order_id or "",
+                c.id,
+                money(c.request.amount),
+                c.request.currency,
+                c.status,
+                c.error_code,
+                iso(c.created_at),
+            )
+        )
+    return out.getvalue().encode()

@@ -320,6 +320,38 @@ class Sandbox:
         charges, refunds = self.state.ledger(query.get("orderId"), query.get("creditCard"))
         return _json(200, render.ledger(charges, refunds))
 
+    async def report(self, request: web.Request) -> web.StreamResponse:
+        errors: list[FieldError] = []
+        bounds: dict[str, datetime | None] = {}
+        for name in ("from", "to"):
+            raw = request.query.get(name)
+            bounds[name] = None
+            if raw is None or not raw.strip():
+                continue
+            try:
+                when = datetime.fromisoformat(raw.strip().replace("Z", "+00:00"))
+            except ValueError:
+                errors.append(FieldError("Report", name, raw, "must be an ISO 8601 date and time"))
+                continue
+            if when.tzinfo is None:
+                errors.append(
+                    FieldError("Report", name, raw, "must carry a UTC offset, e.g. 2026-01-01T00:00:00-05:00")
+                )
+                continue
+            bounds[name] = when
+        start, end = bounds.get("from"), bounds.get("to")
+        if not errors and start is not None and end is not None and start >= end:
+            errors.append(FieldError("Report", "to", request.query.get("to"), "must be after from"))
+        if errors:
+            return _invalid(ValidationFailed(*errors))
+        body = render.report_csv(self.state.report(start, end))
+        return web.Response(
+            body=body,
+            content_type="text/csv",
+            charset="utf-8",
+            headers={"Content-Disposition": 'attachment; filename="transactions.csv"'},
+        )
+
     async def stats(self, _request: web.Request) -> web.StreamResponse:
         return _json(200, self.state.stats.to_json())
 
@@ -434,6 +466,7 @@ class Sandbox:
             web.get("/api/charge/credit_card/{charge_id}", api("GET charge/credit_card", PRIVATE)(self.get_charge)),
             web.post("/api/refund/credit_card", api("POST refund/credit_card", PRIVATE)(self.refund)),
             web.get("/__sandbox/ledger", self.ledger),
+            web.get("/__sandbox/report.csv", self.report),
             web.get("/__sandbox/stats", self.stats),
             web.get("/__sandbox/faults", self.get_faults),
             web.post("/__sandbox/faults", self.set_faults),

@@ -357,3 +357,14 @@ class SandboxState:
         charges = [c for c in self.charges.values() if wanted(c)]
         refunds = [(r, self.charges[r.charge_id]) for r in self.refunds]
         return charges, [(r, c) for r, c in refunds if wanted(c)]
+
+    def report(self, start: datetime | None = None, end: datetime | None = None) -> list[Charge]:
+        """Charges dated in [start, end), oldest first: what the merchant dashboard's transaction report lists."""
+        return sorted(
+            (
+                c
+                for c in self.charges.values()
+                if (start is None or c.created_at >= start) and (end is None or c.created_at < end)
+            ),
+            key=lambda c: c.created_at,
+        )

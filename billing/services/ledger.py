@@ -17,7 +17,7 @@ import hashlib
 import json
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -54,6 +54,11 @@ class Meta:
 
     request_id: str | None = None
     issued_at: datetime | None = None
+    # Sees the session, the time and the result of an applied command before it commits: the CLI records the
+    # operator who ran it (an operator.action event) in the transaction of the change.
+    on_applied: Callable[[Session, datetime, dict[str, Any]], None] | None = field(
+        default=None, compare=False, repr=False
+    )
 
     def __post_init__(self) -> None:
         if self.request_id is not None and (
@@ -128,6 +133,8 @@ class Scope:
     def applied(self, session: Session, now: datetime, result: dict[str, Any]) -> dict[str, Any]:
         """Record the outcome in the caller's transaction (the one that made the change); returns `result`."""
         self._write(session, now, APPLIED, result, None)
+        if self.meta.on_applied is not None:
+            self.meta.on_applied(session, now, result)
         return result
 
     def refused(self, ctx: Context, error: Exception) -> None:

@@ -16,6 +16,7 @@ from billing.db.models import Control
 from billing.gateway import errors as gw
 from billing.services import events, stream
 from billing.services.context import Context
+from billing.services.operators import Actor
 
 
 class PauseReason(StrEnum):
@@ -69,8 +70,8 @@ def note_reached(ctx: Context, session: Session, *, force: bool = False) -> None
     ctx.reached_noted_at = mono
 
 
-def resume_billing(ctx: Context) -> bool:
-    """Lift a pause; returns whether one was lifted."""
+def resume_billing(ctx: Context, actor: Actor | None = None) -> bool:
+    """Lift a pause; returns whether one was lifted. The `actor` (an operator) is recorded with it."""
     now = ctx.clock.now()
     with ctx.unit_of_work() as session:
         paused = control.get_pause(session)
@@ -80,6 +81,8 @@ def resume_billing(ctx: Context) -> bool:
         note_reached(ctx, session, force=True)
         events.record(session, now, "billing.resumed")
         stream.emit(session, now, "billing.resumed", reason=paused.get("reason"), paused_since=paused.get("since"))
+        if actor is not None:
+            actor.record(session, now, "billing.resume", paused_for=paused.get("reason"))
         return True
 
 

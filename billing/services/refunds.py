@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import unicodedata
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
@@ -21,6 +21,7 @@ from billing.domain.states import AttemptState, RefundState
 from billing.services import events, stream
 from billing.services.context import Context, enqueue
 from billing.services.errors import InvalidRequest, NotFound
+from billing.services.operators import Actor
 
 log = logging.getLogger("billing.refunds")
 
@@ -37,24 +38,45 @@ class RefundOutcome:
 
 
 def request_refund(
-    ctx: Context, *, reason: str, invoice_id: int | None = None, attempt_id: int | None = None
+    ctx: Context,
+    *,
+    reason: str,
+    invoice_id: int | None = None,
+    attempt_id: int | None = None,
+    actor: Actor | None = None,
 ) -> RefundOutcome:
     """Record a refund of a charge and enqueue it; a second request for the same charge returns the first.
 
     Name the charge by its invoice (the invoice's approved attempt) or by its attempt, which must have been
-    approved: a declined attempt is refused, never swapped for another attempt of its invoice.
+    approved: a declined attempt is refused, never swapped for another attempt of its invoice. The `actor` (an
+    operator) is recorded with a refund this call creates.
     """
     if (invoice_id is None) == (attempt_id is None):
         raise InvalidRequest("give exactly one of invoice_id or charge_id")
     reason = _checked_reason(reason)
+    if actor is not None and actor.reason is None:
+        actor = replace(actor, reason=reason)
     now = ctx.clock.now()
     try:
         with ctx.unit_of_work() as session:
-            return _request(ctx, session, now, invoice_id, attempt_id, reason)
+            return _audited(session, now, actor, _request(ctx, session, now, invoice_id, attempt_id, reason))
     except IntegrityError:
         # A concurrent request for the same charge won the unique constraint: this run finds its refund.
         with ctx.unit_of_work() as session:
-            return _request(ctx, session, now, invoice_id, attempt_id, reason)
+            return _audited(session, now, actor, _request(ctx, session, now, invoice_id, attempt_id, reason))
+
+
+def _audited(session: Session, now: datetime, actor: Actor | None, outcome: RefundOutcome) -> RefundOutcome:
+    if actor is not None and outcome.created:
+        actor.record(
+            session,
+            now,
+            "refund.request",
+            invoice_id=outcome.invoice_id,
+            refund_id=outcome.refund_id,
+            state=str(outcome.state),
+        )
+    return outcome
 
 
 def _checked_reason(reason: object) -> str:

@@ -223,7 +223,7 @@ def review_list(world: World) -> list[dict[str, Any]]:
     assert done.returncode == 0, done.stderr
     items: list[dict[str, Any]] = json.loads(done.stdout)
     count = json.loads(done.stderr.strip().splitlines()[-1])
-    assert count == {"total": len(items), "shown": len(items)}, count
+    assert count == {"total": len(items), "shown": len(items), "page": 1, "pages": 1}, count
     return items
 
 

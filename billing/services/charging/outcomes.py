@@ -321,9 +321,20 @@ def abandon_unsent(session: Session, now: datetime, invoice_id: int, attempt_id:
     return True
 
 
-def settle_from_charge(ctx: Context, invoice_id: int, attempt_id: int, charge: Charge, *, by: str) -> str:
+def settle_from_charge(
+    ctx: Context,
+    invoice_id: int,
+    attempt_id: int,
+    charge: Charge,
+    *,
+    by: str,
+    note: Callable[[Session, datetime, str], None] | None = None,
+) -> str:
     """Apply what Tpaga says about a charge (a lookup's or an operator's) to an unknown attempt: `approved`,
-    `voided` (approved, then voided at Tpaga: recorded with its refund), `declined` or `still_unknown`."""
+    `voided` (approved, then voided at Tpaga: recorded with its refund), `declined` or `still_unknown`.
+
+    `note` sees the session, the time and the outcome of a settlement that happened, before it commits (an
+    operator's audit event)."""
     now = ctx.clock.now()
     answer = Answer.of_charge(invoice_id, attempt_id, charge, http_status=None)
     voided = charge.voided or (not charge.paid and charge.error_code == "00")
@@ -349,6 +360,38 @@ def settle_from_charge(ctx: Context, invoice_id: int, attempt_id: int, charge: C
         events.record(
             session, now, "attempt.resolved", invoice_id=invoice_id, attempt_id=attempt_id, outcome=outcome, by=by
         )
+        if note is not None:
+            note(session, now, outcome)
+        return outcome
+
+
+def settle_late_approval(
+    ctx: Context,
+    invoice_id: int,
+    attempt_id: int,
+    charge: Charge,
+    *,
+    note: Callable[[Session, datetime, str], None] | None = None,
+) -> str:
+    """A paid charge found (in a transaction report) for an attempt settled as `not_sent`: recorded as the late
+    answer it is. It pays the invoice if nothing else did (`approved`), else the attempt is a `duplicate` and
+    its charge is voided inside the window, or `void` when the invoice was voided; `unchanged` when the
+    attempt is no longer `not_sent` or the charge is not paid."""
+    if not charge.paid:
+        return "unchanged"
+    now = ctx.clock.now()
+    answer = Answer.of_charge(invoice_id, attempt_id, charge, http_status=None)
+    with ctx.unit_of_work() as session:
+        invoices = bulk.lock_rows(session, Invoice, [invoice_id], "state", "subscription_id")  # (see record_in)
+        current = session.execute(
+            select(ChargeAttempt.state).where(ChargeAttempt.id == attempt_id)
+        ).scalar_one_or_none()
+        if current != AttemptState.NOT_SENT:
+            return "unchanged"
+        decided = record_approvals(ctx, session, now, [answer], invoices)
+        outcome = str(decided.get(attempt_id, Outcome.APPROVED))
+        if note is not None:
+            note(session, now, outcome)
         return outcome
 
 
