@@ -39,7 +39,22 @@ LEDGER_TABLES = ("commands", "command_waits")
 
 
 def _refusal_record(table: str, row: Any) -> bool:
-    return (table == "events" and row.kind == "command.rejected") or (table == "card_tokens" and row.state == "refused")
+    return (
+        (table == "events" and row.kind == "command.rejected")
+        or (table == "stream_events" and row.type == "command.rejected")
+        or (table == "card_tokens" and row.state == "refused")
+    )
+
+
+def _background(table: str, row: Any) -> bool:
+    """Work beat does meanwhile, whatever the commands: its leases and the stream's numbering counter."""
+    return table == "control" and (row.key.startswith("lease:") or row.key == "stream.offset")
+
+
+def _as_text(table: str, row: Any) -> tuple[str, ...]:
+    if table == "stream_events":  # numbering an event (its offset, seq, filled ids) is not a change
+        return (str(row.event_id), str(row.type))
+    return tuple(str(v) for v in row)
 
 
 def snapshot(world: Any) -> dict[str, list[tuple[str, ...]]]:
@@ -47,9 +62,9 @@ def snapshot(world: Any) -> dict[str, list[tuple[str, ...]]]:
     with world.ctx.sessions() as session:
         return {
             table.name: [
-                tuple(str(v) for v in row)
+                _as_text(table.name, row)
                 for row in session.execute(select(table).order_by(*table.primary_key.columns)).all()
-                if not _refusal_record(table.name, row)
+                if not _refusal_record(table.name, row) and not _background(table.name, row)
             ]
             for table in Base.metadata.sorted_tables
             if table.name not in LEDGER_TABLES
