@@ -25,7 +25,7 @@ from datetime import datetime, timedelta
 from typing import Any
 from urllib.parse import urlsplit
 
-from sqlalchemy import and_, delete, exists, func, select, update
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session, aliased
 
 from billing.config import is_loopback_host
@@ -292,14 +292,16 @@ def claim_heads(ctx: Context, *, limit: int = 200) -> list[Claimed]:
                 .where(
                     Delivery.state == "pending",
                     Delivery.next_attempt_at <= now,
-                    ~exists().where(
-                        and_(
-                            lower.endpoint_id == Delivery.endpoint_id,
-                            lower.key == Delivery.key,
-                            lower.state == "pending",
-                            lower.stream_offset < Delivery.stream_offset,
-                        )
-                    ),
+                    # The head is its key's lowest pending offset: one probe of ix_deliveries_heads per candidate.
+                    # Not NOT EXISTS (a lower pending one): statistics taken when nothing was pending (every burst
+                    # starts so) made PostgreSQL run that anti-join as a scan of the whole backlog per candidate,
+                    # 3.1 s per pass of 200 with 9,000 pending, against 1.7 ms for this form.
+                    Delivery.stream_offset
+                    == select(func.min(lower.stream_offset))
+                    .where(
+                        lower.endpoint_id == Delivery.endpoint_id, lower.key == Delivery.key, lower.state == "pending"
+                    )
+                    .scalar_subquery(),
                 )
                 .order_by(Delivery.next_attempt_at)
                 .limit(limit)
