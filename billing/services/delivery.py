@@ -310,13 +310,34 @@ def claim_heads(ctx: Context, *, limit: int = 200) -> list[Claimed]:
         )
         if not heads:
             return []
-        for endpoint_id, offset, _ in heads:
-            session.execute(
-                update(Delivery)
-                .where(Delivery.endpoint_id == endpoint_id, Delivery.stream_offset == offset)
-                .values(next_attempt_at=now + CLAIM_LEASE, attempts=Delivery.attempts + 1)
-            )
+        _update_per_endpoint(
+            session,
+            [(endpoint_id, offset) for endpoint_id, offset, _ in heads],
+            next_attempt_at=now + CLAIM_LEASE,
+            attempts=Delivery.attempts + 1,
+        )
         return [Claimed(endpoint_id, offset, attempts + 1) for endpoint_id, offset, attempts in heads]
+
+
+def _update_per_endpoint(session: Session, keys: Sequence[tuple[int, int]], **values: Any) -> None:
+    """The same values for these (endpoint, offset) deliveries: one statement per endpoint (by primary key,
+    one array parameter on PostgreSQL) rather than one per delivery, which cost ~0.15 ms of worker CPU each."""
+    offsets: dict[int, list[int]] = {}
+    for endpoint_id, offset in keys:
+        offsets.setdefault(endpoint_id, []).append(offset)
+    dialect = bulk.dialect_of(session)
+    for endpoint_id, group in offsets.items():
+        session.execute(
+            update(Delivery)
+            .where(
+                Delivery.endpoint_id == endpoint_id,
+                bulk.id_in(Delivery.stream_offset, sorted(group), dialect),
+                # Still pending: after its lease ran out another pass may have delivered the head.
+                Delivery.state == "pending",
+            )
+            .values(**values)
+            .execution_options(synchronize_session=False)
+        )
 
 
 def deliver_due(ctx: Context, send: Send, *, limit: int = 200, threads: int = 16) -> dict[str, int]:
@@ -383,16 +404,13 @@ def _record(ctx: Context, results: list[tuple[Claimed, str | None]]) -> dict[str
     delivered = [c for c, error in results if error is None]
     failed = [(c, error) for c, error in results if error is not None]
     with ctx.unit_of_work() as session:
-        for claim in delivered:
-            session.execute(
-                update(Delivery)
-                .where(
-                    Delivery.endpoint_id == claim.endpoint_id,
-                    Delivery.stream_offset == claim.stream_offset,
-                    Delivery.state == "pending",
-                )
-                .values(state="delivered", delivered_at=now, last_error=None)
-            )
+        _update_per_endpoint(
+            session,
+            [(c.endpoint_id, c.stream_offset) for c in delivered],
+            state="delivered",
+            delivered_at=now,
+            last_error=None,
+        )
         for claim, error in failed:
             # Only the claim's own attempt: after its lease ran out another pass may have re-claimed the head
             # (attempts moved on) or delivered it.
