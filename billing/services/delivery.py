@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import random
 import secrets
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -340,6 +341,20 @@ def _update_per_endpoint(session: Session, keys: Sequence[tuple[int, int]], **va
         )
 
 
+_pools: dict[int, ThreadPoolExecutor] = {}
+_pools_lock = threading.Lock()
+
+
+def _pool(threads: int) -> ThreadPoolExecutor:
+    """One sending pool per process and size, kept between passes: a pool per pass started its threads again
+    and each new thread opened new keep-alive connections (the sender's sessions are per thread)."""
+    with _pools_lock:
+        pool = _pools.get(threads)
+        if pool is None:
+            pool = _pools[threads] = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="deliver")
+        return pool
+
+
 def deliver_due(ctx: Context, send: Send, *, limit: int = 200, threads: int = 16) -> dict[str, int]:
     """One pass: number new events, claim due heads, send them concurrently, record each outcome."""
     stream.sequence(ctx)
@@ -386,16 +401,16 @@ def deliver_due(ctx: Context, send: Send, *, limit: int = 200, threads: int = 16
         return totals
     # Outcomes are recorded as they come, in small groups: a slow receiver holds back only its own events,
     # and a worker killed while it waits loses no acknowledgement already received.
-    with ThreadPoolExecutor(max_workers=min(threads, len(claimed))) as pool:
-        waiting: list[tuple[Claimed, str | None]] = []
-        flushed_at = time.monotonic()
-        for future in as_completed([pool.submit(attempt, c) for c in claimed]):
-            waiting.append(future.result())
-            if len(waiting) >= RECORD_GROUP or time.monotonic() - flushed_at > RECORD_EVERY_SECONDS:
-                record(waiting)
-                waiting, flushed_at = [], time.monotonic()
-        if waiting:
+    pool = _pool(threads)
+    waiting: list[tuple[Claimed, str | None]] = []
+    flushed_at = time.monotonic()
+    for future in as_completed([pool.submit(attempt, c) for c in claimed]):
+        waiting.append(future.result())
+        if len(waiting) >= RECORD_GROUP or time.monotonic() - flushed_at > RECORD_EVERY_SECONDS:
             record(waiting)
+            waiting, flushed_at = [], time.monotonic()
+    if waiting:
+        record(waiting)
     return totals
 
 
