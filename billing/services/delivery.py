@@ -19,7 +19,7 @@ import random
 import secrets
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -395,23 +395,56 @@ def deliver_due(ctx: Context, send: Send, *, limit: int = 200, threads: int = 16
         for key, value in _record(ctx, results).items():
             totals[key] += value
 
-    if len(claimed) == 1 or threads <= 1:
+    send_many = getattr(send, "send_many", None)
+    if send_many is None and (len(claimed) == 1 or threads <= 1):
         for claim in claimed:
             record([attempt(claim)])
         return totals
+    if send_many is not None:
+        outcomes: Iterable[tuple[Claimed, str | None]] = _send_batch(send_many, claimed, endpoints, by_offset, threads)
+    else:
+        pool = _pool(threads)
+        outcomes = (f.result() for f in as_completed([pool.submit(attempt, c) for c in claimed]))
     # Outcomes are recorded as they come, in small groups: a slow receiver holds back only its own events,
     # and a worker killed while it waits loses no acknowledgement already received.
-    pool = _pool(threads)
     waiting: list[tuple[Claimed, str | None]] = []
     flushed_at = time.monotonic()
-    for future in as_completed([pool.submit(attempt, c) for c in claimed]):
-        waiting.append(future.result())
+    for outcome in outcomes:
+        waiting.append(outcome)
         if len(waiting) >= RECORD_GROUP or time.monotonic() - flushed_at > RECORD_EVERY_SECONDS:
             record(waiting)
             waiting, flushed_at = [], time.monotonic()
     if waiting:
         record(waiting)
     return totals
+
+
+def _send_batch(
+    send_many: Callable[[list[tuple[Endpoint, StreamEvent]], int], Iterable[tuple[int, str | None]]],
+    claimed: list[Claimed],
+    endpoints: dict[int, Endpoint],
+    by_offset: dict[int | None, StreamEvent],
+    concurrency: int,
+) -> Iterator[tuple[Claimed, str | None]]:
+    """A sender that sends a whole pass at once (WebhookSender: aiohttp on one event loop); outcomes as they
+    come."""
+    live: list[Claimed] = []
+    for claim in claimed:
+        endpoint, event = endpoints.get(claim.endpoint_id), by_offset.get(claim.stream_offset)
+        if endpoint is None or event is None or endpoint.removed_at is not None:
+            yield claim, "gone"
+        else:
+            live.append(claim)
+    done: set[int] = set()
+    try:
+        for n, error in send_many([(endpoints[c.endpoint_id], by_offset[c.stream_offset]) for c in live], concurrency):
+            done.add(n)
+            yield live[n], None if error is None else error[:255]
+    except Exception as exc:  # a sender bug must not lose the events: they are retried like failures
+        log.exception("delivery of %s events failed", len(live) - len(done))
+        for n, claim in enumerate(live):
+            if n not in done:
+                yield claim, f"error: {type(exc).__name__}"
 
 
 def _record(ctx: Context, results: list[tuple[Claimed, str | None]]) -> dict[str, int]:
