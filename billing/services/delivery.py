@@ -49,6 +49,9 @@ CLAIM_LEASE = timedelta(seconds=20)
 RECORD_GROUP = 50
 RECORD_EVERY_SECONDS = 0.1
 EVENT_TYPES_MAX = 64
+# Heads claimed per pass: a pass's statements cost about the same for 200 or 1,000, so larger passes keep pace
+# with billing (the benchmark's 20 ms receiver: 204 events/s for ~500 charges/s with passes of 200).
+PASS_SIZE = 1000
 
 
 class DeliveryFailed(Exception):
@@ -282,7 +285,7 @@ class Claimed:
     attempts: int
 
 
-def claim_heads(ctx: Context, *, limit: int = 200) -> list[Claimed]:
+def claim_heads(ctx: Context, *, limit: int = PASS_SIZE) -> list[Claimed]:
     """Claim up to `limit` due heads (see module doc); committed before anything is sent."""
     now = ctx.clock.now()
     lower = aliased(Delivery)
@@ -355,7 +358,7 @@ def _pool(threads: int) -> ThreadPoolExecutor:
         return pool
 
 
-def deliver_due(ctx: Context, send: Send, *, limit: int = 200, threads: int = 16) -> dict[str, int]:
+def deliver_due(ctx: Context, send: Send, *, limit: int = PASS_SIZE, threads: int = 64) -> dict[str, int]:
     """One pass: number new events, claim due heads, send them concurrently, record each outcome."""
     stream.sequence(ctx)
     claimed = claim_heads(ctx, limit=limit)
