@@ -233,6 +233,47 @@ class Emulator:
             self.proc.kill()
 
 
+class Receiver:
+    """`benchmarks/webhook_receiver.py` in a child process: a webhook endpoint answering after a fixed latency."""
+
+    def __init__(self, latency_ms: int) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, str(ROOT / "benchmarks" / "webhook_receiver.py"), "--latency-ms", str(latency_ms)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        match = re.search(r"(http://\S+/hook)", line)
+        if not match:
+            raise RuntimeError(f"the webhook receiver did not start: {line!r}")
+        self.url = match.group(1)
+        self.base_url = self.url[: -len("hook")]
+
+    def distinct(self) -> int:
+        return int(requests.get(self.base_url + "__stats", timeout=30).json()["distinct"])
+
+    def arrivals(self) -> dict[str, float]:
+        return dict(requests.get(self.base_url + "__arrivals", timeout=120).json())
+
+    def register(self, db_url: str) -> None:
+        """`billing webhooks add` for every event type, as an operator would."""
+        subprocess.run(
+            [BILLING, "webhooks", "add", self.url],
+            env=process_env({"DATABASE_URL": db_url}),
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
 def recreate_database(name: str) -> str:
     admin = create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:
@@ -346,6 +387,10 @@ class Schedule:
         """What autovacuum does between bursts (it is off on this machine's shared server)."""
         with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
             conn.execute(text("VACUUM ANALYZE subscriptions, invoices, charge_attempts, events, outbox"))
+            # The stream's tables, where they exist (not before the stream: the A side of an A/B).
+            for table in ("stream_events", "deliveries"):
+                if conn.execute(text("SELECT to_regclass(:t)"), {"t": table}).scalar() is not None:
+                    conn.execute(text(f"VACUUM ANALYZE {table}"))
 
 
 # --- end to end ---------------------------------------------------------------------------------------------
@@ -359,6 +404,7 @@ class Stack:
     broker: str
     emulator: Emulator
     logs: Path
+    receiver: Receiver | None = None
     extra_env: dict[str, str] = field(default_factory=dict)
     worker_args: list[str] = field(default_factory=list)
     workers: list[CeleryProcess] = field(default_factory=list)
@@ -415,6 +461,7 @@ def cpu_meter(stack: Stack) -> CpuMeter:
             "postgres": lambda: pids_named("postgres", " billing_bench ") + pg_server_pids(),
             "redis": lambda: pids_named("redis-server", ":6379"),
             "bench": lambda: [os.getpid()],
+            "receiver": lambda: [stack.receiver.proc.pid] if stack.receiver else [],
         }
     )
 
@@ -430,6 +477,10 @@ def e2e_run(stack: Stack, schedule: Schedule, count: int, timeout_seconds: float
         # much history the earlier runs left.
         first_invoice = conn.execute(text("SELECT coalesce(max(id), 0) FROM invoices")).scalar_one()
         first_attempt = conn.execute(text("SELECT coalesce(max(id), 0) FROM charge_attempts")).scalar_one()
+        first_event = (
+            conn.execute(text("SELECT coalesce(max(id), 0) FROM stream_events")).scalar_one() if stack.receiver else 0
+        )
+        received_before = stack.receiver.distinct() if stack.receiver else 0
     schedule.next_run(due, count)
     mine = f"i.id > {first_invoice} AND a.id > {first_attempt}"
     meter = cpu_meter(stack)
@@ -444,6 +495,19 @@ def e2e_run(stack: Stack, schedule: Schedule, count: int, timeout_seconds: float
             ).scalar_one()
         if done >= count:
             break
+    delivery: dict[str, Any] = {}
+    if stack.receiver is not None:
+        # Every event of the run committed with its charge: wait until the receiver has them all, so that the
+        # workers' CPU includes delivering them.
+        with engine.connect() as conn:
+            expected = conn.execute(text(f"SELECT count(*) FROM stream_events WHERE id > {first_event}")).scalar_one()
+        received = 0
+        while time.monotonic() < deadline:
+            received = stack.receiver.distinct() - received_before
+            if received >= expected:
+                break
+            time.sleep(0.2)
+        delivery = {"events": expected, "received": received}
     cpu = meter.stop()
     with engine.connect() as conn:
         window = conn.execute(
@@ -480,6 +544,8 @@ def e2e_run(stack: Stack, schedule: Schedule, count: int, timeout_seconds: float
                 f" AND invoice_id > {first_invoice} GROUP BY invoice_id HAVING count(*) > 1) d"
             )
         ).scalar_one()
+    if stack.receiver is not None:
+        delivery.update(delivery_figures(stack.receiver, engine, first_event, window[0], window[1]))
     stats_after = stack.emulator.stats()
     approved_at_tpaga = stats_after["charges"]["approved"] - stats_before["charges"]["approved"]
     seconds = (window[1] - window[0]).total_seconds() if window[0] and window[1] else float("nan")
@@ -489,6 +555,7 @@ def e2e_run(stack: Stack, schedule: Schedule, count: int, timeout_seconds: float
         and states == {"approved": count}
         and doubles == 0
         and approved_at_tpaga == count
+        and (stack.receiver is None or delivery["received"] >= delivery["events"])
     )
     return {
         "charges": done,
@@ -501,6 +568,35 @@ def e2e_run(stack: Stack, schedule: Schedule, count: int, timeout_seconds: float
         "approved_at_emulator": approved_at_tpaga,
         "correct": correct,
         "cpu_seconds": cpu,
+        **({"delivery": delivery} if delivery else {}),
+    }
+
+
+def delivery_figures(
+    receiver: Receiver, engine: Engine, first_event: int, started: datetime | None, charged: datetime | None
+) -> dict[str, Any]:
+    """Commit (stream_events.created_at) -> first arrival at the receiver, per event of the run; the rate of
+    delivery over the same kind of window as the charges' (first event committed -> last event received)."""
+    arrivals = receiver.arrivals()
+    with engine.connect() as conn:
+        rows = conn.execute(
+            text(f"SELECT event_id, extract(epoch FROM created_at) FROM stream_events WHERE id > {first_event}")
+        ).all()
+    lags = [arrivals[event_id] - float(created) for event_id, created in rows if event_id in arrivals]
+    if not lags:
+        return {"delivered": 0}
+    first_commit = min(float(created) for _, created in rows)
+    last_arrival = max(arrivals[event_id] for event_id, _ in rows if event_id in arrivals)
+    seconds = last_arrival - first_commit
+    return {
+        "delivered": len(lags),
+        "seconds": round(seconds, 3),
+        "events_per_second": round(len(lags) / seconds, 1) if seconds > 0 else None,
+        "commit_to_delivery_p50_seconds": round(percentile(lags, 0.50), 3),
+        "commit_to_delivery_p99_seconds": round(percentile(lags, 0.99), 3),
+        "commit_to_delivery_max_seconds": round(max(lags), 3),
+        # How long after the last charge was recorded the last event arrived.
+        "last_arrival_after_last_charge_seconds": round(last_arrival - charged.timestamp(), 3) if charged else None,
     }
 
 
@@ -517,6 +613,24 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "min_charges_per_second": min((r["charges_per_second"] or 0) for r in runs) if runs else None,
         "max_charges_per_second": max((r["charges_per_second"] or 0) for r in runs) if runs else None,
         "all_correct": all(r["correct"] for r in runs),
+        **(
+            {
+                "median_events_per_second": round(
+                    statistics.median(r["delivery"].get("events_per_second") or 0 for r in runs), 1
+                ),
+                "median_commit_to_delivery_p99_seconds": round(
+                    statistics.median(r["delivery"].get("commit_to_delivery_p99_seconds") or 0 for r in runs), 3
+                ),
+                "median_events_per_charge_per_second": round(
+                    statistics.median(
+                        (r["delivery"].get("events_per_second") or 0) / (r["charges_per_second"] or 1) for r in runs
+                    ),
+                    2,
+                ),
+            }
+            if runs and all("delivery" in r for r in runs)
+            else {}
+        ),
         # CPU microseconds per charge by process group (median over runs); "not_benchmark" is other programs
         "cpu_us_per_charge": {
             key: round(statistics.median(r["cpu_seconds"][key] / r["charges"] * 1e6 for r in runs if r["charges"]))
@@ -536,12 +650,13 @@ def e2e_section(
     emulator: Emulator,
     logs: Path,
     results: dict[str, Any],
+    receiver: Receiver | None = None,
 ) -> None:
     scenarios: list[dict[str, Any]] = []
     results["end_to_end"] = scenarios
     memory: dict[str, Any] = {}
     for workers in args.workers:
-        stack = Stack(db_url, broker, emulator, logs)
+        stack = Stack(db_url, broker, emulator, logs, receiver=receiver)
         log(f"end to end: starting {workers} worker process(es) and beat")
         stack.start(workers, f"w{workers}")
         pid = stack.worker_pids()[0]
@@ -566,6 +681,14 @@ def e2e_section(
                         f"  {workers} worker(s), {latency} ms, run {n + 1}: {run['charges']} charges in "
                         f"{run['seconds']} s = {run['charges_per_second']}/s, p50 {run['latency_p50_seconds']} s, "
                         f"p99 {run['latency_p99_seconds']} s, correct={run['correct']}"
+                        + (
+                            f"; events {run['delivery'].get('delivered')}/{run['delivery']['events']} delivered at"
+                            f" {run['delivery'].get('events_per_second')}/s, commit->delivery p50"
+                            f" {run['delivery'].get('commit_to_delivery_p50_seconds')} s, p99"
+                            f" {run['delivery'].get('commit_to_delivery_p99_seconds')} s"
+                            if "delivery" in run
+                            else ""
+                        )
                     )
                     if workers == 1:
                         memory["samples"].append({"charges": charged, "rss_mb": round(rss_mb(pid), 1)})
@@ -1027,6 +1150,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--only", default=",".join(SECTIONS), help=f"sections to run, of {','.join(SECTIONS)}")
     parser.add_argument("--full", action="store_true", help="100,000 charges per end-to-end run")
     parser.add_argument("--out", default=str(ROOT / "bench-results"))
+    parser.add_argument(
+        "--webhook-latency-ms",
+        type=int,
+        default=None,
+        help="end to end with a webhook receiver on loopback answering after this many ms, registered for every"
+        " event: adds events delivered/s and the commit -> delivery latency (p50, p99) per run",
+    )
     args = parser.parse_args()
     if args.full:
         args.subscriptions = max(args.subscriptions, 100_000)
@@ -1072,6 +1202,13 @@ def print_summary(results: dict[str, Any]) -> None:
             f" (min {s['min_charges_per_second']}, max {s['max_charges_per_second']}),"
             f" p50 {s['median_latency_p50_seconds']} s,"
             f" p99 {s['median_latency_p99_seconds']} s, all correct: {s['all_correct']}"
+            + (
+                f"; events delivered median {s['median_events_per_second']}/s"
+                f" ({s['median_events_per_charge_per_second']} x charges/s),"
+                f" commit->delivery p99 {s['median_commit_to_delivery_p99_seconds']} s"
+                if "median_events_per_second" in s
+                else ""
+            )
         )
     if "single_path" in results:
         s = results["single_path"]
@@ -1140,6 +1277,7 @@ def main() -> int:
         logs = tmp / "logs"
         logs.mkdir()
         emulator = Emulator()
+        receiver = Receiver(args.webhook_latency_ms) if args.webhook_latency_ms is not None else None
         try:
             if args.only & {"e2e", "single", "ratelimit", "memory"}:
                 cards = -(-args.subscriptions // args.subs_per_card)
@@ -1149,9 +1287,11 @@ def main() -> int:
 
                 migrate.upgrade(db_url)
                 seed_database(db_url, seed_cards(emulator.api_url, cards), args.subscriptions)
+                if receiver is not None:
+                    receiver.register(db_url)
                 schedule = Schedule(create_engine(db_url, pool_size=2))
                 if args.only & {"e2e", "memory"}:
-                    e2e_section(args, db_url, schedule, broker, emulator, logs, results)
+                    e2e_section(args, db_url, schedule, broker, emulator, logs, results, receiver)
                 if "single" in args.only:
                     single_path_section(args, db_url, schedule, broker, emulator, logs, results)
                 if "ratelimit" in args.only:
@@ -1165,6 +1305,8 @@ def main() -> int:
                 scan_section(args, tmp, results)
         finally:
             emulator.stop()
+            if receiver is not None:
+                receiver.stop()
             results["ratios"] = ratios(results)
             results["seconds"] = round(time.monotonic() - begun, 1)
             results["loadavg_at_end"] = os.getloadavg()

@@ -166,7 +166,7 @@ class TaskSettings:
     outbox_min_age_seconds: int = 5
     # Events are kept this long (and replayable) once delivered everywhere; a backlog is kept until delivered.
     event_retention_days: int = 90
-    delivery_threads: int = 16
+    delivery_threads: int = 64  # webhooks in flight per process (coroutines; the name predates them)
     beat_seconds: tuple[tuple[str, int], ...] = tuple((name, default) for name, _, default in BEAT_INTERVALS)
 
     def beat_interval(self, task_name: str) -> int:
@@ -202,7 +202,7 @@ class TaskSettings:
             sweep_limit=_int(env, "BILLING_SWEEP_LIMIT", 1000, 1),
             outbox_min_age_seconds=_int(env, "BILLING_OUTBOX_MIN_AGE_SECONDS", 5, 0),
             event_retention_days=_int(env, "BILLING_EVENT_RETENTION_DAYS", 90, 1),
-            delivery_threads=_int(env, "BILLING_DELIVERY_THREADS", 16, 1),
+            delivery_threads=_int(env, "BILLING_DELIVERY_THREADS", 64, 1),
             beat_seconds=tuple((name, _int(env, var, default, 1)) for name, var, default in BEAT_INTERVALS),
         )
         settings.check()

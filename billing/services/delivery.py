@@ -17,15 +17,16 @@ from __future__ import annotations
 import logging
 import random
 import secrets
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 from urllib.parse import urlsplit
 
-from sqlalchemy import and_, delete, exists, func, select, update
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session, aliased
 
 from billing.config import is_loopback_host
@@ -48,6 +49,9 @@ CLAIM_LEASE = timedelta(seconds=20)
 RECORD_GROUP = 50
 RECORD_EVERY_SECONDS = 0.1
 EVENT_TYPES_MAX = 64
+# Heads claimed per pass: a pass's statements cost about the same for 200 or 1,000, so larger passes keep pace
+# with billing (the benchmark's 20 ms receiver: 204 events/s for ~500 charges/s with passes of 200).
+PASS_SIZE = 1000
 
 
 class DeliveryFailed(Exception):
@@ -281,7 +285,7 @@ class Claimed:
     attempts: int
 
 
-def claim_heads(ctx: Context, *, limit: int = 200) -> list[Claimed]:
+def claim_heads(ctx: Context, *, limit: int = PASS_SIZE) -> list[Claimed]:
     """Claim up to `limit` due heads (see module doc); committed before anything is sent."""
     now = ctx.clock.now()
     lower = aliased(Delivery)
@@ -292,14 +296,16 @@ def claim_heads(ctx: Context, *, limit: int = 200) -> list[Claimed]:
                 .where(
                     Delivery.state == "pending",
                     Delivery.next_attempt_at <= now,
-                    ~exists().where(
-                        and_(
-                            lower.endpoint_id == Delivery.endpoint_id,
-                            lower.key == Delivery.key,
-                            lower.state == "pending",
-                            lower.stream_offset < Delivery.stream_offset,
-                        )
-                    ),
+                    # The head is its key's lowest pending offset: one probe of ix_deliveries_heads per candidate.
+                    # Not NOT EXISTS (a lower pending one): statistics taken when nothing was pending (every burst
+                    # starts so) made PostgreSQL run that anti-join as a scan of the whole backlog per candidate,
+                    # 3.1 s per pass of 200 with 9,000 pending, against 1.7 ms for this form.
+                    Delivery.stream_offset
+                    == select(func.min(lower.stream_offset))
+                    .where(
+                        lower.endpoint_id == Delivery.endpoint_id, lower.key == Delivery.key, lower.state == "pending"
+                    )
+                    .scalar_subquery(),
                 )
                 .order_by(Delivery.next_attempt_at)
                 .limit(limit)
@@ -308,16 +314,51 @@ def claim_heads(ctx: Context, *, limit: int = 200) -> list[Claimed]:
         )
         if not heads:
             return []
-        for endpoint_id, offset, _ in heads:
-            session.execute(
-                update(Delivery)
-                .where(Delivery.endpoint_id == endpoint_id, Delivery.stream_offset == offset)
-                .values(next_attempt_at=now + CLAIM_LEASE, attempts=Delivery.attempts + 1)
-            )
+        _update_per_endpoint(
+            session,
+            [(endpoint_id, offset) for endpoint_id, offset, _ in heads],
+            next_attempt_at=now + CLAIM_LEASE,
+            attempts=Delivery.attempts + 1,
+        )
         return [Claimed(endpoint_id, offset, attempts + 1) for endpoint_id, offset, attempts in heads]
 
 
-def deliver_due(ctx: Context, send: Send, *, limit: int = 200, threads: int = 16) -> dict[str, int]:
+def _update_per_endpoint(session: Session, keys: Sequence[tuple[int, int]], **values: Any) -> None:
+    """The same values for these (endpoint, offset) deliveries: one statement per endpoint (by primary key,
+    one array parameter on PostgreSQL) rather than one per delivery, which cost ~0.15 ms of worker CPU each."""
+    offsets: dict[int, list[int]] = {}
+    for endpoint_id, offset in keys:
+        offsets.setdefault(endpoint_id, []).append(offset)
+    dialect = bulk.dialect_of(session)
+    for endpoint_id, group in offsets.items():
+        session.execute(
+            update(Delivery)
+            .where(
+                Delivery.endpoint_id == endpoint_id,
+                bulk.id_in(Delivery.stream_offset, sorted(group), dialect),
+                # Still pending: after its lease ran out another pass may have delivered the head.
+                Delivery.state == "pending",
+            )
+            .values(**values)
+            .execution_options(synchronize_session=False)
+        )
+
+
+_pools: dict[int, ThreadPoolExecutor] = {}
+_pools_lock = threading.Lock()
+
+
+def _pool(threads: int) -> ThreadPoolExecutor:
+    """One sending pool per process and size, kept between passes: a pool per pass started its threads again
+    and each new thread opened new keep-alive connections (the sender's sessions are per thread)."""
+    with _pools_lock:
+        pool = _pools.get(threads)
+        if pool is None:
+            pool = _pools[threads] = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="deliver")
+        return pool
+
+
+def deliver_due(ctx: Context, send: Send, *, limit: int = PASS_SIZE, threads: int = 64) -> dict[str, int]:
     """One pass: number new events, claim due heads, send them concurrently, record each outcome."""
     stream.sequence(ctx)
     claimed = claim_heads(ctx, limit=limit)
@@ -357,23 +398,56 @@ def deliver_due(ctx: Context, send: Send, *, limit: int = 200, threads: int = 16
         for key, value in _record(ctx, results).items():
             totals[key] += value
 
-    if len(claimed) == 1 or threads <= 1:
+    send_many = getattr(send, "send_many", None)
+    if send_many is None and (len(claimed) == 1 or threads <= 1):
         for claim in claimed:
             record([attempt(claim)])
         return totals
+    if send_many is not None:
+        outcomes: Iterable[tuple[Claimed, str | None]] = _send_batch(send_many, claimed, endpoints, by_offset, threads)
+    else:
+        pool = _pool(threads)
+        outcomes = (f.result() for f in as_completed([pool.submit(attempt, c) for c in claimed]))
     # Outcomes are recorded as they come, in small groups: a slow receiver holds back only its own events,
     # and a worker killed while it waits loses no acknowledgement already received.
-    with ThreadPoolExecutor(max_workers=min(threads, len(claimed))) as pool:
-        waiting: list[tuple[Claimed, str | None]] = []
-        flushed_at = time.monotonic()
-        for future in as_completed([pool.submit(attempt, c) for c in claimed]):
-            waiting.append(future.result())
-            if len(waiting) >= RECORD_GROUP or time.monotonic() - flushed_at > RECORD_EVERY_SECONDS:
-                record(waiting)
-                waiting, flushed_at = [], time.monotonic()
-        if waiting:
+    waiting: list[tuple[Claimed, str | None]] = []
+    flushed_at = time.monotonic()
+    for outcome in outcomes:
+        waiting.append(outcome)
+        if len(waiting) >= RECORD_GROUP or time.monotonic() - flushed_at > RECORD_EVERY_SECONDS:
             record(waiting)
+            waiting, flushed_at = [], time.monotonic()
+    if waiting:
+        record(waiting)
     return totals
+
+
+def _send_batch(
+    send_many: Callable[[list[tuple[Endpoint, StreamEvent]], int], Iterable[tuple[int, str | None]]],
+    claimed: list[Claimed],
+    endpoints: dict[int, Endpoint],
+    by_offset: dict[int | None, StreamEvent],
+    concurrency: int,
+) -> Iterator[tuple[Claimed, str | None]]:
+    """A sender that sends a whole pass at once (WebhookSender: aiohttp on one event loop); outcomes as they
+    come."""
+    live: list[Claimed] = []
+    for claim in claimed:
+        endpoint, event = endpoints.get(claim.endpoint_id), by_offset.get(claim.stream_offset)
+        if endpoint is None or event is None or endpoint.removed_at is not None:
+            yield claim, "gone"
+        else:
+            live.append(claim)
+    done: set[int] = set()
+    try:
+        for n, error in send_many([(endpoints[c.endpoint_id], by_offset[c.stream_offset]) for c in live], concurrency):
+            done.add(n)
+            yield live[n], None if error is None else error[:255]
+    except Exception as exc:  # a sender bug must not lose the events: they are retried like failures
+        log.exception("delivery of %s events failed", len(live) - len(done))
+        for n, claim in enumerate(live):
+            if n not in done:
+                yield claim, f"error: {type(exc).__name__}"
 
 
 def _record(ctx: Context, results: list[tuple[Claimed, str | None]]) -> dict[str, int]:
@@ -381,16 +455,13 @@ def _record(ctx: Context, results: list[tuple[Claimed, str | None]]) -> dict[str
     delivered = [c for c, error in results if error is None]
     failed = [(c, error) for c, error in results if error is not None]
     with ctx.unit_of_work() as session:
-        for claim in delivered:
-            session.execute(
-                update(Delivery)
-                .where(
-                    Delivery.endpoint_id == claim.endpoint_id,
-                    Delivery.stream_offset == claim.stream_offset,
-                    Delivery.state == "pending",
-                )
-                .values(state="delivered", delivered_at=now, last_error=None)
-            )
+        _update_per_endpoint(
+            session,
+            [(c.endpoint_id, c.stream_offset) for c in delivered],
+            state="delivered",
+            delivered_at=now,
+            last_error=None,
+        )
         for claim, error in failed:
             # Only the claim's own attempt: after its lease ran out another pass may have re-claimed the head
             # (attempts moved on) or delivered it.

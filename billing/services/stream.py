@@ -20,7 +20,7 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import bindparam, func, select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from billing.db import bulk
@@ -178,17 +178,20 @@ def sequence(ctx: Context, *, limit: int = SEQUENCE_BATCH) -> int:
             event.subscription_seq = values.get("subscription_seq")
             numbered.append(values)
         session.expunge_all()
-        table: Any = StreamEvent.__table__
-        session.execute(
-            update(table)
-            .where(table.c.id == bindparam("b_id"))
-            .values(
-                stream_offset=bindparam("stream_offset"),
-                subscription_seq=bindparam("subscription_seq"),
-                customer_id=bindparam("customer_id"),
-                data=bindparam("data"),
-            ),
-            [{"subscription_seq": None, **v} for v in numbered],
+        # One statement for the pass (UPDATE ... FROM unnest on PostgreSQL), not one per event.
+        bulk.update_rows(
+            session,
+            StreamEvent,
+            [
+                {
+                    "id": v["b_id"],
+                    "stream_offset": v["stream_offset"],
+                    "subscription_seq": v.get("subscription_seq"),
+                    "customer_id": v["customer_id"],
+                    "data": v["data"],
+                }
+                for v in numbered
+            ],
         )
         session.execute(update(Control).where(Control.key == OFFSET_KEY).values(value=str(last), updated_at=now))
         _fan_out(session, now, events)
