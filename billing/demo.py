@@ -340,7 +340,7 @@ def run_demo(months: int = 3, echo: Callable[[str], None] = click.echo) -> bool:
                 advance(timedelta(days=31), f"month {month}: renewals")
                 settle(f"month {month}")
             _wait(lambda: _outbox_empty(ctx), 30, "the outbox to drain")
-            _wait(lambda: _stream_delivered(ctx, endpoint.endpoint_id), 60, "the event stream to reach the receiver")
+            _wait(lambda: _stream_delivered(ctx, endpoint.endpoint_id), 180, "the event stream to reach the receiver")
         with ctx.sessions() as session:
             echo("\nOutcomes by errorCode:")
             echo(f"  {'errorCode':<10}{'class':<10}{'state':<10}{'count':>6}")
