@@ -15,13 +15,14 @@ import functools
 import queue
 import threading
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 from urllib.parse import urlsplit
 
 import requests
 from standardwebhooks import Webhook
 
+from billing.clock import SystemClock
 from billing.db.models import Endpoint, StreamEvent
 from billing.gateway.environment import HttpEnvironment, http_environment
 from billing.services import stream
@@ -30,6 +31,7 @@ from billing.services.delivery import DeliveryFailed
 CONNECT_TIMEOUT_SECONDS = 3.05
 READ_TIMEOUT_SECONDS = 10.0
 MAX_RESPONSE_BYTES = 4096
+_WALL_CLOCK = SystemClock()
 USER_AGENT = "billing-webhooks/1"
 _loop_lock = threading.Lock()
 
@@ -57,7 +59,8 @@ class WebhookSender:
     def __init__(
         self,
         publish: Callable[[str, str, dict[str, Any]], None] | None = None,
-        now: Callable[[], datetime] = lambda: datetime.now(UTC),
+        # Wall time, not the billing clock: receivers reject a webhook-timestamp more than 5 minutes off theirs.
+        now: Callable[[], datetime] = _WALL_CLOCK.now,
     ) -> None:
         self._local = threading.local()
         self._publish = publish

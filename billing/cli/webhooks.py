@@ -9,7 +9,6 @@ from __future__ import annotations
 import re
 import sys
 import threading
-from datetime import UTC, datetime
 
 import click
 
@@ -25,6 +24,7 @@ from billing.cli.common import (
     open_context,
     parse_when,
 )
+from billing.clock import SystemClock
 
 # The shape of every type in the catalogue (docs/events.md); a typo such as "invoice paid" is caught here
 # rather than subscribing the endpoint to an event that never comes.
@@ -280,4 +280,4 @@ def listen(port: int, host: str, secrets: tuple[str, ...], forward: str | None, 
 
 
 def _now() -> str:
-    return datetime.now(UTC).strftime("%H:%M:%S")
+    return SystemClock().now().strftime("%H:%M:%S")
