@@ -9,8 +9,9 @@ Read the database and the emulator's ledger (what Tpaga would have) and check:
 3. every invoice is paid, open under dunning (a retry scheduled after a decline, or waiting for a new card
    after a hard decline), uncollectible, or in review; no attempt is left `pending` or `sending`;
 4. every review item is explained by a real ambiguous moment: a dropped, garbled or too-slow answer on that
-   orderId (the ledger's `delivery`), a 5xx (no ledger charge, HTTP 5xx recorded), a 9999 answer, or a
-   worker SIGKILLed while the attempt was `sending`; and every such moment was flagged (x of x): its attempt
+   orderId (the ledger's `delivery`), a 5xx (no ledger charge, HTTP 5xx recorded), a 9999 answer, a worker
+   SIGKILLed while the attempt was `sending`, or a read timeout the worker really hit (on a loaded host an
+   answer the emulator sent on time can still reach the worker after its read timeout); and every such moment was flagged (x of x): its attempt
    is `unknown`, or was and has been settled from review since;
 5. no secret (private key, Tpaga card id, temporary token) in the workers' logs or on the broker.
 
@@ -172,6 +173,8 @@ def prove(
         causes += ["9999" for c in at_tpaga if c.get("errorCode") in UNKNOWN_CODES]
         if (att.http_status or 0) >= 500 and not at_tpaga:
             causes.append("5xx")
+        if att.unknown_reason == "timeout" and at_tpaga:
+            causes.append("read timeout")
         if not causes:
             continue
         ambiguous[causes[0]] += 1
@@ -198,6 +201,7 @@ def prove(
             any(c.get("delivery") in AMBIGUOUS_DELIVERY for c in at_tpaga),
             any(c.get("errorCode") in UNKNOWN_CODES for c in at_tpaga),
             (att.http_status or 0) >= 500 and not at_tpaga and server_errors > 0,
+            att.unknown_reason == "timeout" and bool(at_tpaga),
         ]
         if not any(reasons):
             unexplained += 1
