@@ -41,8 +41,9 @@ from billing.db.models import (
 from billing.domain.declines import DeclineClass
 from billing.domain.periods import Interval
 from billing.domain.states import AttemptState, CardStatus, InvoiceState, RefundState, SubscriptionStatus
+from billing.domain.tax import TaxTreatment
 
-HEAD = "0005"
+HEAD = "0007"
 CORE_TABLES = {"control", "customers", "cards", "plans", "subscriptions", "invoices", "charge_attempts"}
 LATER_TABLES = {"refunds", "outbox", "events"}
 T0 = "2026-01-31 12:00:00"
@@ -209,6 +210,11 @@ def test_older_database_is_brought_to_head_with_its_data(db_url: str) -> None:
     assert _tables(db_url) >= LATER_TABLES
     assert _scalar(db_url, "SELECT email FROM customers WHERE id = 1") == "a@example.com"
     assert _scalar(db_url, "SELECT amount_minor FROM plans WHERE code = 'basic'") == 2990000
+    # 0007: a plan made before tax existed sent no tax, so it migrates as `excluded` at 0 %.
+    assert _scalar(db_url, "SELECT tax_treatment FROM plans WHERE code = 'basic'") == "excluded"
+    assert _scalar(db_url, "SELECT tax_rate FROM plans WHERE code = 'basic'") == 0
+    assert _scalar(db_url, "SELECT tax_minor FROM invoices WHERE id = 1") is None
+    assert _scalar(db_url, "SELECT fee_minor FROM charge_attempts WHERE order_id = 'inv-1-1'") is None
     assert _scalar(db_url, "SELECT error_code FROM charge_attempts WHERE order_id = 'inv-1-1'") == "51"
     assert _scalar(db_url, "SELECT value FROM control WHERE key = 'clock_offset_seconds'") == "0.0"
     # The new tables work with the old rows (foreign keys into 0001's tables).
@@ -384,7 +390,12 @@ def _enum_columns() -> dict[tuple[str, str], type[enum.Enum]]:
 
 def test_the_status_columns_are_enum_typed_and_keep_their_varchar_length() -> None:
     columns = _enum_columns()
-    assert columns == {**CHECKED_ENUM_COLUMNS, ("charge_attempts", "decline_class"): DeclineClass}
+    unchecked = {
+        ("charge_attempts", "decline_class"): DeclineClass,
+        ("plans", "tax_treatment"): TaxTreatment,
+        ("invoices", "tax_treatment"): TaxTreatment,
+    }
+    assert columns == {**CHECKED_ENUM_COLUMNS, **unchecked}
     for table, column in columns:
         assert Base.metadata.tables[table].c[column].type.length == (8 if column == "interval" else 16)
 

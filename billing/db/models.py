@@ -29,6 +29,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from billing.domain.declines import DeclineClass
 from billing.domain.periods import Interval
 from billing.domain.states import AttemptState, CardStatus, InvoiceState, RefundState, SubscriptionStatus
+from billing.domain.tax import TaxTreatment
 
 NAMING_CONVENTION = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
@@ -201,6 +202,12 @@ class Plan(Base):
     trial_days: Mapped[int] = mapped_column(default=0)
     created_at: Mapped[Timestamp]
     last_issued_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # Migration 0007: how the (tax-inclusive) price is taxed; plans made before it are `excluded` at 0 %.
+    # No CHECK in the schema: the enum is enforced on write by the column type, the rate by billing.domain.tax.
+    tax_treatment: Mapped[TaxTreatment] = enum_column(
+        TaxTreatment, default=TaxTreatment.EXCLUDED, server_default=TaxTreatment.EXCLUDED.value
+    )
+    tax_rate: Mapped[int] = mapped_column(default=0, server_default="0")
 
 
 class Subscription(Base):
@@ -276,6 +283,12 @@ class Invoice(Base):
     paid_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     created_at: Mapped[Timestamp]
     updated_at: Mapped[Timestamp]
+    # Migration 0007: the invoice's tax lines, copied from its plan when opened (base + tax = amount).
+    # Null on invoices opened before it (they sent no tax).
+    tax_treatment: Mapped[TaxTreatment | None] = enum_column(TaxTreatment)
+    tax_rate: Mapped[int | None]
+    base_minor: Mapped[int | None] = mapped_column(BigInteger)
+    tax_minor: Mapped[int | None] = mapped_column(BigInteger)
 
 
 class ChargeAttempt(Base):
@@ -327,6 +340,17 @@ class ChargeAttempt(Base):
     sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     approved_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # Migration 0007: Tpaga's settlement figures of an approved charge, exactly as it returned them (minor
+    # units); null on declines and on attempts approved before 0007.
+    tax_amount_minor: Mapped[int | None] = mapped_column(BigInteger)
+    iac_amount_minor: Mapped[int | None] = mapped_column(BigInteger)
+    fee_minor: Mapped[int | None] = mapped_column(BigInteger)
+    rete_renta_minor: Mapped[int | None] = mapped_column(BigInteger)
+    rete_ica_minor: Mapped[int | None] = mapped_column(BigInteger)
+    rete_iva_minor: Mapped[int | None] = mapped_column(BigInteger)
+    net_minor: Mapped[int | None] = mapped_column(BigInteger)
+    payment_transaction: Mapped[str | None] = mapped_column(String(64))
+    tpaga_created_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
 
 class Refund(Base):
