@@ -104,6 +104,8 @@ class FakeGateway:
         currency: str,
         order_id: str,
         description: str | None = None,
+        tax_amount: Decimal = Decimal(0),
+        iac_amount: Decimal = Decimal(0),
         deadline: float | None = None,
     ) -> Charge:
         if deadline is not None and time.monotonic() > deadline:
@@ -142,6 +144,8 @@ class FakeGateway:
         currency: str,
         order_id: str,
         description: str | None = None,
+        tax_amount: Decimal = Decimal(0),
+        iac_amount: Decimal = Decimal(0),
         deadline: float | None = None,
     ) -> Charge:
         """`charge` as the batch path calls it: a coroutine on the pool's event loop."""
@@ -152,6 +156,8 @@ class FakeGateway:
             currency=currency,
             order_id=order_id,
             description=description,
+            tax_amount=tax_amount,
+            iac_amount=iac_amount,
             deadline=deadline,
         )
 

@@ -77,6 +77,8 @@ class LazyGateway:
         currency: str,
         order_id: str,
         description: str | None = None,
+        tax_amount: Decimal = Decimal(0),
+        iac_amount: Decimal = Decimal(0),
         deadline: float | None = None,
     ) -> Any:
         return self.client().charge(
@@ -85,6 +87,8 @@ class LazyGateway:
             currency=currency,
             order_id=order_id,
             description=description,
+            tax_amount=tax_amount,
+            iac_amount=iac_amount,
             deadline=deadline,
         )
 
@@ -96,6 +100,8 @@ class LazyGateway:
         currency: str,
         order_id: str,
         description: str | None = None,
+        tax_amount: Decimal = Decimal(0),
+        iac_amount: Decimal = Decimal(0),
         deadline: float | None = None,
     ) -> Any:
         return await self.client().charge_async(
@@ -104,6 +110,8 @@ class LazyGateway:
             currency=currency,
             order_id=order_id,
             description=description,
+            tax_amount=tax_amount,
+            iac_amount=iac_amount,
             deadline=deadline,
         )
 

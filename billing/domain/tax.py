@@ -32,6 +32,10 @@ ALLOWED_RATES: dict[TaxTreatment, tuple[int, ...]] = {
 }
 
 
+# The charge field of Tpaga's API that carries each taxed treatment; the others send no tax.
+WIRE_FIELDS: dict[TaxTreatment, str] = {TaxTreatment.IVA: "taxAmount", TaxTreatment.INC: "iacAmount"}
+
+
 class TaxError(ValueError):
     """An unknown treatment or a rate the treatment does not allow."""
 
@@ -46,11 +50,7 @@ class Tax:
     @property
     def wire_field(self) -> str | None:
         """The charge field that carries this tax at Tpaga, or None when nothing is sent."""
-        if self.treatment is TaxTreatment.IVA:
-            return "taxAmount"
-        if self.treatment is TaxTreatment.INC:
-            return "iacAmount"
-        return None
+        return WIRE_FIELDS.get(self.treatment)
 
 
 EXCLUDED = Tax(TaxTreatment.EXCLUDED, 0)
@@ -83,9 +83,9 @@ class TaxSplit:
 
 
 def _quantum(currency: str) -> int:
-    # Tax goes to Tpaga in whole units of the currency (whole pesos), so the split is made in minor units
-    # multiplied by the exponent: 100 minor units per peso.
-    return 10 ** CURRENCY_EXPONENTS[currency]
+    # Tax goes to Tpaga in whole units of the currency (whole pesos): 100 minor units per peso for COP.
+    quantum: int = 10 ** CURRENCY_EXPONENTS[currency]
+    return quantum
 
 
 def split_inclusive(price: Money, tax: Tax) -> TaxSplit:

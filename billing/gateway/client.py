@@ -84,12 +84,18 @@ def charge_payload(
     installments: int = 1,
     description: str | None = None,
     tax_amount: Decimal = Decimal(0),
+    iac_amount: Decimal = Decimal(0),
 ) -> dict[str, JsonValue]:
-    """The body of a charge, every input checked (ValueError) before anything is sent."""
+    """The body of a charge, every input checked (ValueError) before anything is sent. `tax_amount` is the
+    IVA in the amount (Tpaga's `taxAmount`, always sent), `iac_amount` the consumption tax (INC, `iacAmount`,
+    sent only when not zero: Tpaga's default is 0)."""
     _path_id("card_id", card_id)
     _path_id("order_id", order_id)
     value = _money("amount", amount, allow_zero=False)
     tax = _money("tax_amount", tax_amount, allow_zero=True)
+    iac = _money("iac_amount", iac_amount, allow_zero=True)
+    if tax + iac > value:
+        raise ValueError("tax_amount + iac_amount must not exceed amount (prices include their tax)")
     if not isinstance(currency, str) or not _CURRENCY.fullmatch(currency):
         raise ValueError("currency must be a three-letter upper-case code such as COP")
     if isinstance(installments, bool) or not isinstance(installments, int) or not 1 <= installments <= 36:
@@ -104,6 +110,8 @@ def charge_payload(
         "taxAmount": tax,
         "orderId": order_id,
     }
+    if iac:
+        payload["iacAmount"] = iac
     if description is not None:
         payload["description"] = description
     return payload
@@ -320,6 +328,7 @@ class TpagaClient:
         installments: int = 1,
         description: str | None = None,
         tax_amount: Decimal = Decimal(0),
+        iac_amount: Decimal = Decimal(0),
         deadline: float | None = None,
     ) -> Charge:
         """POST charge/credit_card; returns the charge only when it is approved.
@@ -338,6 +347,7 @@ class TpagaClient:
             installments=installments,
             description=description,
             tax_amount=tax_amount,
+            iac_amount=iac_amount,
         )
         return self._requestor.request(CHARGE, "charge/credit_card", payload, deadline=deadline)
 
@@ -351,6 +361,7 @@ class TpagaClient:
         installments: int = 1,
         description: str | None = None,
         tax_amount: Decimal = Decimal(0),
+        iac_amount: Decimal = Decimal(0),
         deadline: float | None = None,
     ) -> Charge:
         """`charge` (the same arguments, checks, retry rule, rate limit, deadline and errors) as a coroutine, on
@@ -364,6 +375,7 @@ class TpagaClient:
             installments=installments,
             description=description,
             tax_amount=tax_amount,
+            iac_amount=iac_amount,
         )
         return await self._async_requestor.request(CHARGE, "charge/credit_card", payload, deadline=deadline)
 

@@ -89,6 +89,13 @@ class Charge:
     net_amount: Decimal | None
     tpaga_fee_amount: Decimal | None
     date_created: datetime | None
+    # The rest of Tpaga's settlement breakdown, as returned (None when the answer did not carry it).
+    tax_amount: Decimal | None = None
+    iac_amount: Decimal | None = None
+    rete_renta_amount: Decimal | None = None
+    rete_ica_amount: Decimal | None = None
+    rete_iva_amount: Decimal | None = None
+    payment_transaction: str | None = None
 
     @property
     def approved(self) -> bool:
@@ -243,6 +250,12 @@ def parse_charge(data: Mapping[str, Any]) -> Charge:
         net_amount=_opt_money(data, "netAmount"),
         tpaga_fee_amount=_opt_money(data, "tpagaFeeAmount"),
         date_created=_opt_datetime(data, "dateCreated"),
+        tax_amount=_opt_money(data, "taxAmount"),
+        iac_amount=_opt_money(data, "iacAmount"),
+        rete_renta_amount=_opt_money(data, "reteRentaAmount"),
+        rete_ica_amount=_opt_money(data, "reteIcaAmount"),
+        rete_iva_amount=_opt_money(data, "reteIvaAmount"),
+        payment_transaction=_opt_str(data, "paymentTransaction"),
     )
 
 

@@ -14,6 +14,7 @@ from billing.db.models import Card, Customer, Invoice, Plan, Subscription
 from billing.domain.money import Money, MoneyError
 from billing.domain.periods import Interval, period_boundary, trial_end
 from billing.domain.states import CardStatus, InvoiceState, SubscriptionStatus
+from billing.domain.tax import Tax, TaxError, tax_of
 from billing.services import events, stream
 from billing.services.cards import usable_card_of_customer
 from billing.services.context import Context, enqueue
@@ -70,6 +71,14 @@ def check_plan_terms(code: object, amount: Money, interval: object, interval_cou
         raise InvalidRequest("plan amount must be positive")
     if amount.currency == "COP" and amount.amount_minor % 100:
         raise InvalidRequest(f"COP amounts must be whole pesos, got {amount.major} COP")
+
+
+def tax_from_input(treatment: object, rate: object = None) -> Tax:
+    """A plan's tax treatment and rate from a user's input (InvalidRequest naming what is wrong)."""
+    try:
+        return tax_of(treatment, rate)
+    except TaxError as exc:
+        raise InvalidRequest(str(exc)) from None
 
 
 def money_from_input(amount: str, currency: str) -> Money:

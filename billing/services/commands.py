@@ -54,15 +54,21 @@ def upsert_plan(
     interval_count: int = 1,
     trial_days: int = 0,
     name: str | None = None,
+    tax: str = "excluded",
+    tax_rate: int | None = None,
     meta: Meta = NO_META,
 ) -> dict[str, Any]:
-    """Create the plan; the same terms again change nothing; other terms are refused once the plan is in use."""
+    """Create the plan; the same terms again change nothing; other terms are refused once the plan is in use.
+
+    The tax treatment is one of the terms: `tax` (iva, inc, excluded, exempt; `excluded` when not given, what
+    every plan sent before taxes existed) at `tax_rate` percent (None: the treatment's default)."""
     if not isinstance(amount, str):
         raise InvalidRequest(f"amount must be a decimal string such as '45000', got a {type(amount).__name__}")
     if not isinstance(currency, str):
         raise InvalidRequest("currency must be a string such as 'COP'")
     money = catalog.money_from_input(amount, currency)
     catalog.check_plan_terms(code, money, interval, interval_count, trial_days)
+    plan_tax = catalog.tax_from_input(tax, tax_rate)
     if name is not None and (not isinstance(name, str) or not 1 <= len(name) <= 128):
         raise InvalidRequest("name must be a string of 1 to 128 characters")
     terms = {
@@ -71,6 +77,8 @@ def upsert_plan(
         "interval": Interval(interval),
         "interval_count": interval_count,
         "trial_days": trial_days,
+        "tax_treatment": plan_tax.treatment,
+        "tax_rate": plan_tax.rate,
     }
     scope = Scope.of(UPSERT_PLAN, {"code": code, **terms, "name": name}, meta)
 

@@ -44,6 +44,8 @@ class Gateway(Protocol):
         currency: str,
         order_id: str,
         description: str | None = None,
+        tax_amount: Decimal = Decimal(0),
+        iac_amount: Decimal = Decimal(0),
         deadline: float | None = None,
     ) -> Charge: ...
     async def charge_async(
@@ -54,6 +56,8 @@ class Gateway(Protocol):
         currency: str,
         order_id: str,
         description: str | None = None,
+        tax_amount: Decimal = Decimal(0),
+        iac_amount: Decimal = Decimal(0),
         deadline: float | None = None,
     ) -> Charge: ...
     def get_charge(self, charge_id: str) -> Charge: ...

@@ -21,8 +21,10 @@ from sqlalchemy.orm import Session
 from billing import task_names
 from billing.db import bulk
 from billing.db.models import Invoice, Plan, Subscription
+from billing.domain.money import Money
 from billing.domain.periods import Interval, due_period_indexes, period_at, period_boundary
 from billing.domain.states import InvoiceState, SubscriptionStatus
+from billing.domain.tax import Tax, TaxTreatment, split_inclusive
 from billing.services import events, stream
 from billing.services.context import Context, enqueue
 
@@ -99,6 +101,18 @@ def open_due_invoices(ctx: Context, *, limit: int = 500, batch_size: int = DEFAU
     return len(invoice_ids)
 
 
+def tax_lines(plan: Plan) -> dict[str, Any]:
+    """An invoice's tax columns from its plan's price (tax-inclusive) and treatment: base + tax = amount."""
+    tax = Tax(TaxTreatment(plan.tax_treatment), plan.tax_rate)
+    split = split_inclusive(Money(plan.amount_minor, plan.currency), tax)
+    return {
+        "tax_treatment": tax.treatment,
+        "tax_rate": tax.rate,
+        "base_minor": split.base.amount_minor,
+        "tax_minor": split.tax.amount_minor,
+    }
+
+
 def _plan_subscription(
     ctx: Context, sub: Any, plan: Plan, now: datetime, invoices: list[dict[str, Any]]
 ) -> dict[str, Any]:
@@ -121,6 +135,7 @@ def _plan_subscription(
                 "period_end": period.end,
                 "amount_minor": plan.amount_minor,
                 "currency": plan.currency,
+                **tax_lines(plan),
                 "state": InvoiceState.OPEN,
                 "due_at": period.start,
                 "created_at": now,

@@ -10,7 +10,7 @@ invoice's second makes the attempt `duplicate`, and its charge is voided automat
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -20,13 +20,27 @@ from sqlalchemy.orm import Session
 from billing.db import bulk, cas
 from billing.db.models import ChargeAttempt, Invoice
 from billing.domain.declines import DeclineClass, classify
-from billing.domain.money import Money
+from billing.domain.money import Money, MoneyError
 from billing.domain.states import AttemptState, InvoiceState, RefundState
 from billing.gateway.models import Charge
 from billing.services import events, refunds, stream
 from billing.services.charging.attempts import Outcome
 from billing.services.charging.dunning import apply_declines, settle_subscriptions
 from billing.services.context import Context
+
+# Attempt column -> the Charge attribute holding Tpaga's figure for it.
+_SETTLEMENT_AMOUNTS = {
+    "tax_amount_minor": "tax_amount",
+    "iac_amount_minor": "iac_amount",
+    "fee_minor": "tpaga_fee_amount",
+    "rete_renta_minor": "rete_renta_amount",
+    "rete_ica_minor": "rete_ica_amount",
+    "rete_iva_minor": "rete_iva_amount",
+    "net_minor": "net_amount",
+}
+
+
+SETTLEMENT_COLUMNS = (*_SETTLEMENT_AMOUNTS, "payment_transaction", "tpaga_created_at")
 
 
 @dataclass(frozen=True)
@@ -42,6 +56,9 @@ class Answer:
     authorization_code: str | None = None
     http_status: int | None = None
     approved_at: datetime | None = None
+    # Tpaga's settlement figures (attempt columns of migration 0007), written on approvals only; every key is
+    # always there (None when unknown) since a batch of rows is written with one set of columns.
+    settlement: Mapping[str, Any] = field(default_factory=lambda: dict.fromkeys(SETTLEMENT_COLUMNS))
 
     @classmethod
     def of_charge(cls, invoice_id: int, attempt_id: int, charge: Charge, *, http_status: int | None) -> Answer:
@@ -55,7 +72,25 @@ class Answer:
             charge.authorization_code,
             http_status,
             charge.date_created,
+            settlement_of(charge),
         )
+
+
+def settlement_of(charge: Charge) -> dict[str, Any]:
+    """The settlement columns of an attempt from Tpaga's charge, in minor units exactly as Tpaga wrote them.
+
+    A figure that is missing, or not an exact amount of the charge's currency, is stored as null: the approval
+    itself must be recorded whatever the breakdown looks like, and the report shows what is missing."""
+    row: dict[str, Any] = {}
+    for column, attribute in _SETTLEMENT_AMOUNTS.items():
+        value = getattr(charge, attribute)
+        try:
+            row[column] = None if value is None else Money.from_major(value, charge.currency).amount_minor
+        except MoneyError:
+            row[column] = None
+    row["payment_transaction"] = (charge.payment_transaction or "")[:64] or None
+    row["tpaga_created_at"] = charge.date_created
+    return row
 
 
 def record_approvals(
@@ -140,6 +175,7 @@ def _attempt_row(answer: Answer, now: datetime) -> dict[str, Any]:
         "finished_at": now,
         "approved_at": min(answer.approved_at or now, now),
         "lease_expires_at": None,
+        **answer.settlement,
     }
 
 
@@ -240,12 +276,16 @@ def mark_invoices_paid(
     stream.emit_many(session, rows)
 
 
+_APPROVAL_ONLY = frozenset({"approved_at", *SETTLEMENT_COLUMNS})
+
+
 def record_declines(ctx: Context, session: Session, now: datetime, answers: list[Answer]) -> dict[int, Outcome]:
     """Declined answers: the attempt is declined and dunning acts, for the attempts that moved from in flight.
     A decline for an attempt already settled as not charged is recorded and flagged, without dunning."""
     if not answers:
         return {}
-    rows = [{k: v for k, v in _attempt_row(a, now).items() if k != "approved_at"} for a in answers]
+    # A decline carries Tpaga's breakdown too, but nothing is settled: only what an approval has is stored.
+    rows = [{k: v for k, v in _attempt_row(a, now).items() if k not in _APPROVAL_ONLY} for a in answers]
     moved = cas.transition_rows(session, ChargeAttempt, rows, AttemptState.DECLINED, now=now)
     live = [a for a in answers if a.attempt_id in moved and moved[a.attempt_id] != AttemptState.NOT_SENT]
     late = [a for a in answers if a.attempt_id in moved and moved[a.attempt_id] == AttemptState.NOT_SENT]

@@ -68,6 +68,9 @@ class Claim:
     card_tpaga_id: str
     amount: Money
     description: str
+    # The invoice's tax line as Tpaga wants it: IVA in taxAmount, INC in iacAmount (zero otherwise).
+    tax_amount: Money | None = None
+    iac_amount: Money | None = None
 
 
 class HeldBack(gw.NotSentError):

@@ -20,6 +20,7 @@ from billing.db import bulk, cas
 from billing.db.models import Card, ChargeAttempt, Invoice, Plan, Subscription
 from billing.domain.money import Money
 from billing.domain.states import AttemptState, CardStatus, InvoiceState, SubscriptionStatus
+from billing.domain.tax import WIRE_FIELDS, TaxTreatment
 from billing.services import events
 from billing.services.cards import usable_card_of_customer
 from billing.services.charging.attempts import OPEN_ATTEMPT_STATES, ChargeOutcome, Claim, Outcome
@@ -61,6 +62,8 @@ def _claim_in(
             t_inv.c.amount_minor,
             t_inv.c.currency,
             t_inv.c.period_index,
+            t_inv.c.tax_treatment,
+            t_inv.c.tax_minor,
             t_sub.c.id.label("subscription_id"),
             t_sub.c.status,
             t_sub.c.paused_at,
@@ -149,9 +152,22 @@ def _claim_in(
                 card_tpaga_id=tpaga_card_id,
                 amount=Money(row.amount_minor, row.currency),
                 description=f"{row.plan_name} period {row.period_index + 1}",
+                **_tax_fields(row),
             )
         )
     return claims, outcomes
+
+
+def _tax_fields(row: Any) -> dict[str, Money]:
+    """The claim's tax fields from its invoice's tax line; invoices opened before migration 0007 have none and
+    send what they always did (taxAmount 0)."""
+    if row.tax_minor is None or row.tax_treatment is None:
+        return {}
+    field = WIRE_FIELDS.get(TaxTreatment(row.tax_treatment))
+    if field is None:
+        return {}
+    tax = Money(row.tax_minor, row.currency)
+    return {"tax_amount": tax} if field == "taxAmount" else {"iac_amount": tax}
 
 
 def _take_due(session: Session, ids: list[int], now: datetime, outcomes: dict[int, ChargeOutcome]) -> list[int]:

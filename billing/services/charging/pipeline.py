@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator, Sequence
+from decimal import Decimal
 from typing import Any
 
 from billing.domain.declines import DeclineClass
@@ -122,6 +123,8 @@ def _fields(claim: Claim) -> dict[str, Any]:
         "currency": claim.amount.currency,
         "order_id": claim.order_id,
         "description": claim.description,
+        "tax_amount": claim.tax_amount.major if claim.tax_amount else Decimal(0),
+        "iac_amount": claim.iac_amount.major if claim.iac_amount else Decimal(0),
     }
 
 
