@@ -55,6 +55,7 @@ __all__ = [
 ]
 
 IntervalName = Literal["day", "week", "month", "year"]
+TaxName = Literal["iva", "inc", "excluded", "exempt"]
 When = datetime | str  # a str is sent as given (the worker checks it is ISO 8601 with an offset)
 
 
@@ -132,10 +133,13 @@ def upsert_plan(
     interval_count: int = 1,
     trial_days: int = 0,
     name: str | None = None,
+    tax: TaxName | None = None,
+    tax_rate: int | None = None,
     request_id: str | None = None,
     issued_at: When | None = None,
 ) -> str:
-    """Send `billing.upsert_plan`: create plan `code` (the same terms again are a no-op); returns the task id."""
+    """Send `billing.upsert_plan`: create plan `code` (the same terms again are a no-op); returns the task id.
+    `tax` (iva, inc, excluded, exempt) defaults to excluded at the worker, `tax_rate` to the treatment's own."""
     return _command(
         app,
         UPSERT_PLAN,
@@ -147,6 +151,8 @@ def upsert_plan(
         interval_count=interval_count,
         trial_days=trial_days,
         name=name,
+        tax=tax,
+        tax_rate=tax_rate,
     )
 
 

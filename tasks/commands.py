@@ -72,6 +72,8 @@ def upsert_plan(
     interval_count: int = 1,
     trial_days: int = 0,
     name: str | None = None,
+    tax: str = "excluded",
+    tax_rate: int | None = None,
     request_id: str | None = None,
     issued_at: str | None = None,
 ) -> dict[str, Any]:
@@ -85,6 +87,8 @@ def upsert_plan(
         interval_count=interval_count,
         trial_days=trial_days,
         name=name,
+        tax=tax,
+        tax_rate=tax_rate,
         meta=_meta(names.UPSERT_PLAN, request_id, issued_at),
     )
 

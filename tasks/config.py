@@ -84,6 +84,8 @@ KWARGS: dict[str, tuple[str, ...]] = {
         "interval_count",
         "trial_days",
         "name",
+        "tax",
+        "tax_rate",
         "request_id",
         "issued_at",
     ),

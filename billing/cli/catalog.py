@@ -141,6 +141,13 @@ def plans() -> None:
 )
 @click.option("--interval-count", default=1, show_default=True, type=int, help="Intervals per period (1-120).")
 @click.option("--trial-days", default=0, show_default=True, type=int, help="Free days before the first charge.")
+@click.option(
+    "--tax",
+    default="excluded",
+    show_default=True,
+    help="Tax treatment of the (tax-inclusive) price: iva, inc, excluded or exempt.",
+)
+@click.option("--tax-rate", default=None, type=int, help="Tax percent: iva 19 (default) or 5; inc 8.")
 @json_option
 @database_option
 @handle_errors
@@ -152,6 +159,8 @@ def plans_create(
     interval: str,
     interval_count: int,
     trial_days: int,
+    tax: str,
+    tax_rate: int | None,
     as_json: bool,
     database_url: str | None,
 ) -> None:
@@ -160,6 +169,8 @@ def plans_create(
     from billing.services import catalog, commands
 
     money = catalog.money_from_input(amount, currency)
+    # Checked here too (the command checks again) so that bad input fails before the database is opened.
+    plan_tax = catalog.tax_from_input(tax, tax_rate)
     with open_context(load_settings(database_url)) as ctx:
         result = commands.upsert_plan(
             ctx,
@@ -170,17 +181,30 @@ def plans_create(
             interval=interval,
             interval_count=interval_count,
             trial_days=trial_days,
+            tax=tax,
+            tax_rate=tax_rate,
         )
     if as_json:
         echo_json(
-            {"plan_id": result["plan_id"], "code": code, "created": result["created"], "changed": result["changed"]}
+            {
+                "plan_id": result["plan_id"],
+                "code": code,
+                "created": result["created"],
+                "changed": result["changed"],
+                "tax": plan_tax.treatment.value,
+                "tax_rate": plan_tax.rate,
+            }
         )
         return
     what = "created" if result["created"] else "updated" if result["changed"] else "unchanged (same terms)"
     click.echo(
         f"plan {result['plan_id']} {what}: {code}, {format_money(money.amount_minor, money.currency)} "
-        f"every {interval_count} {interval}(s)"
+        f"every {interval_count} {interval}(s), tax {_tax_label(plan_tax.treatment, plan_tax.rate)}"
     )
+
+
+def _tax_label(treatment: str, rate: int) -> str:
+    return f"{treatment} {rate}%" if treatment in ("iva", "inc") else str(treatment)
 
 
 @plans.command("list")
@@ -207,13 +231,15 @@ def plans_list(as_json: bool, database_url: str | None) -> None:
                     "interval": p.interval,
                     "interval_count": p.interval_count,
                     "trial_days": p.trial_days,
+                    "tax": p.tax_treatment.value,
+                    "tax_rate": p.tax_rate,
                 }
                 for p in rows
             ]
         )
         return
     echo_table(
-        ["id", "code", "name", "amount", "every", "trial days"],
+        ["id", "code", "name", "amount", "every", "trial days", "tax"],
         [
             (
                 p.id,
@@ -222,6 +248,7 @@ def plans_list(as_json: bool, database_url: str | None) -> None:
                 format_money(p.amount_minor, p.currency),
                 f"{p.interval_count} {p.interval}",
                 p.trial_days,
+                _tax_label(p.tax_treatment, p.tax_rate),
             )
             for p in rows
         ],
