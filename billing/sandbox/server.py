@@ -15,6 +15,7 @@ import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
+from decimal import Decimal
 from typing import Any
 
 from aiohttp import web
@@ -25,6 +26,7 @@ from billing.sandbox.cards import mask
 from billing.sandbox.clock import ClockError, iso
 from billing.sandbox.errors import FieldError, NotFound, ValidationFailed
 from billing.sandbox.faults import FaultPlan
+from billing.sandbox.money import FEE_RATE, FIXED_FEE, RETE_ICA_RATE, RETE_IVA_RATE, RETE_RENTA_RATE, Rates
 from billing.sandbox.state import REFUND_WINDOWS, Charge, RefundRecord, SandboxState
 from billing.sandbox.validate import (
     CARD,
@@ -57,6 +59,10 @@ _UNAUTHORIZED = b'{"error":"Unauthorized"}'
 _UNAUTHORIZED_HEADERS = {"WWW-Authenticate": 'Basic realm="Tpaga"'}
 
 
+# SandboxConfig's settlement fields, in the order of billing.sandbox.money.Rates.
+_RATE_FIELDS = ("fee_fixed", "fee_rate", "rete_renta_rate", "rete_ica_rate", "rete_iva_rate")
+
+
 @dataclass
 class SandboxConfig:
     """How to run the emulator; port 0 picks a free port."""
@@ -71,6 +77,16 @@ class SandboxConfig:
     garbage_rate: float = 0.0
     refund_window: str = "24h"
     seed: int | None = None
+    # The settlement breakdown's formula (docs/sandbox.md, Fees); the defaults reproduce the blog's sample.
+    fee_fixed: Decimal = FIXED_FEE
+    fee_rate: Decimal = FEE_RATE
+    rete_renta_rate: Decimal = RETE_RENTA_RATE
+    rete_ica_rate: Decimal = RETE_ICA_RATE
+    rete_iva_rate: Decimal = RETE_IVA_RATE
+
+    @property
+    def rates(self) -> Rates:
+        return Rates(*(Decimal(getattr(self, name)) for name in _RATE_FIELDS))
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad setting."""
@@ -88,6 +104,11 @@ class SandboxConfig:
                 raise ValueError(f"{name} must be between 0 and 1, got {rate}")
         if self.refund_window not in REFUND_WINDOWS:
             raise ValueError(f"refund_window must be '24h' or 'same_day', got {self.refund_window!r}")
+        for name in _RATE_FIELDS:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, Decimal | int):
+                raise ValueError(f"{name} must be a Decimal or an int (exact, never a float), got {value!r}")
+        self.rates.validate()
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -111,7 +132,9 @@ class Sandbox:
     def __init__(self, config: SandboxConfig) -> None:
         config.validate()
         self.config = config
-        self.state = SandboxState(config.private_key, config.public_key, config.refund_window, config.seed)
+        self.state = SandboxState(
+            config.private_key, config.public_key, config.refund_window, config.seed, rates=config.rates
+        )
         self.faults = FaultPlan(
             latency_ms=config.latency_ms,
             error_rate=config.error_rate,

@@ -14,7 +14,7 @@ from datetime import datetime, timedelta
 from billing.sandbox import cards
 from billing.sandbox.clock import BOGOTA, SandboxClock, same_bogota_day
 from billing.sandbox.errors import NotFound, ValidationFailed
-from billing.sandbox.money import Breakdown, breakdown
+from billing.sandbox.money import DEFAULT_RATES, Breakdown, Rates, breakdown
 from billing.sandbox.validate import (
     CARD,
     CHARGE,
@@ -154,11 +154,14 @@ class SandboxState:
         public_key: str,
         refund_window: str = "24h",
         seed: int | None = None,
+        *,
+        rates: Rates = DEFAULT_RATES,
     ) -> None:
         if refund_window not in REFUND_WINDOWS:
             raise ValueError(f"refund_window must be one of {REFUND_WINDOWS}, got {refund_window!r}")
         self._configured_keys = (private_key, public_key)
         self.refund_window = refund_window
+        self.rates = rates
         self._seed = seed
         self.clock = SandboxClock()
         self.reset()
@@ -284,7 +287,7 @@ class SandboxState:
             status=AUTHORIZED if approved else CREATED if unknown else DECLINED,
             authorization_code=f"{self._ids.randrange(1_000_000):06d}" if approved else None,
             payment_transaction=None if unknown else self._new_id(),
-            fees=breakdown(request.amount),
+            fees=breakdown(request.amount, request.tax_amount, request.iac_amount, self.rates),
             created_at=now,
             delivery=delivery,
         )
