@@ -115,7 +115,14 @@ def test_plans_create_again_is_a_no_op_and_a_plan_in_use_keeps_its_terms(gw: Cli
     # As billing.upsert_plan: the same terms again change nothing; an unused plan takes new terms; a used one
     # refuses them.
     first = gw.json("plans", "create", "--code", "gold", "--amount", "1000")
-    assert first == {"plan_id": 1, "code": "gold", "created": True, "changed": True}
+    assert first == {
+        "plan_id": 1,
+        "code": "gold",
+        "created": True,
+        "changed": True,
+        "tax": "excluded",
+        "tax_rate": 0,
+    }
     out = gw.ok("plans", "create", "--code", "gold", "--amount", "1000.00").output
     assert "plan 1 unchanged (same terms): gold, 1000.00 COP" in out
     assert "plan 1 updated: gold, 2000.00 COP" in gw.ok("plans", "create", "--code", "gold", "--amount", "2000").output

@@ -26,6 +26,7 @@ from billing.cli.common import (
     parse_when,
     session_scope,
 )
+from billing.domain.money import CURRENCY_EXPONENTS
 
 # --- tick ------------------------------------------------------------------------------------------------
 
@@ -110,17 +111,41 @@ def status(as_json: bool, database_url: str | None) -> None:
 @click.command()
 @click.option("--since", default=None, metavar="ISO", help="Attempts created at or after (naive = UTC).")
 @click.option("--until", default=None, metavar="ISO", help="Attempts created before (naive = UTC).")
+@click.option(
+    "--settlement",
+    is_flag=True,
+    help="Tpaga's settlement figures per America/Bogota day instead (--since/--until: Tpaga's charge time).",
+)
+@click.option("--currency", default="COP", show_default=True, help="With --settlement: the currency reported.")
+@click.option("--csv", "as_csv", is_flag=True, help="With --settlement: CSV, amounts in minor units.")
 @json_option
 @database_option
 @handle_errors
-def report(since: str | None, until: str | None, as_json: bool, database_url: str | None) -> None:
-    """Charge outcomes by Tpaga errorCode and decline class."""
+def report(
+    since: str | None,
+    until: str | None,
+    settlement: bool,
+    currency: str,
+    as_csv: bool,
+    as_json: bool,
+    database_url: str | None,
+) -> None:
+    """Charge outcomes by Tpaga errorCode and decline class, or (--settlement) what Tpaga pays out per day."""
     from billing.services import reports
 
     since_at, until_at = parse_when(since, "--since"), parse_when(until, "--until")
     if since_at and until_at and since_at >= until_at:
         raise click.BadParameter("must be after --since", param_hint="--until")
+    if as_csv and not settlement:
+        raise click.UsageError("--csv goes with --settlement")
+    if as_csv and as_json:
+        raise click.UsageError("give one of --json or --csv")
+    if settlement and currency.upper() not in CURRENCY_EXPONENTS:
+        raise click.BadParameter(f"unknown currency {currency!r}", param_hint="--currency")
     with session_scope(load_settings(database_url)) as session:
+        if settlement:
+            _settlement_report(reports.settlement(session, currency.upper(), since_at, until_at), as_json, as_csv)
+            return
         rows = reports.outcomes_by_code(session, since_at, until_at)
     if as_json:
         echo_json(rows)
@@ -139,6 +164,40 @@ def report(since: str | None, until: str | None, as_json: bool, database_url: st
         ],
         empty="no charge attempts in that range",
     )
+
+
+_SETTLEMENT_HEADINGS = ("gross", "tax", "fee", "reteRenta", "reteICA", "reteIVA", "net")
+
+
+def _settlement_report(result: dict[str, Any], as_json: bool, as_csv: bool) -> None:
+    from billing.services.reports import SETTLEMENT_TOTALS
+
+    if as_json:
+        echo_json(result)
+        return
+    days, totals, currency = result["days"], result["totals"], result["currency"]
+    if as_csv:
+        import csv
+        import io
+
+        out = io.StringIO()
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(["date", "charges", "unreported", *SETTLEMENT_TOTALS])
+        for day in days:
+            writer.writerow([day["date"], day["charges"], day["unreported"], *(day[k] for k in SETTLEMENT_TOTALS)])
+        charges = sum(d["charges"] for d in days)
+        unreported = sum(d["unreported"] for d in days)
+        writer.writerow(["total", charges, unreported, *(totals[k] for k in SETTLEMENT_TOTALS)])
+        click.echo(out.getvalue(), nl=False)
+        return
+    rows = [(d["date"], d["charges"], *(format_money(d[k], currency) for k in SETTLEMENT_TOTALS)) for d in days]
+    if days:
+        charges = sum(d["charges"] for d in days)
+        rows.append(("total", charges, *(format_money(totals[k], currency) for k in SETTLEMENT_TOTALS)))
+    echo_table(["day (Bogota)", "charges", *_SETTLEMENT_HEADINGS], rows, empty="no settled charges in that range")
+    unreported = sum(d["unreported"] for d in days)
+    if unreported:
+        click.echo(f"{unreported} charge(s) approved without Tpaga's figures (before migration 0007): net not known")
 
 
 # --- review ----------------------------------------------------------------------------------------------
