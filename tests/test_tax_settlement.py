@@ -7,15 +7,15 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
 import pytest
 import requests
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
-from billing.db.models import Command, Invoice, Plan
+from billing.db.models import ChargeAttempt, Command, Invoice, Plan
 from billing.gateway import TpagaClient
 from billing.sandbox.server import DEFAULT_PRIVATE_KEY, DEFAULT_PUBLIC_KEY, SandboxConfig, SandboxThread
 from billing.services import catalog, commands, invoicing, refunds, reports, voids
@@ -292,3 +292,24 @@ def test_the_emulators_settlement_rates_are_options(sandbox_factory: Any) -> Non
 def test_bad_emulator_rates_are_refused(fields: dict[str, Any], match: str) -> None:
     with pytest.raises(ValueError, match=match):
         SandboxConfig(**fields).validate()
+
+
+def test_the_settlement_report_reads_the_same_on_sqlite(sqlite_url: str, sandbox: SandboxThread) -> None:
+    # The embedded default: the same figures, and --since/--until select on Tpaga's time there too.
+    for lite in make_world(sqlite_url, sandbox):
+        _, body = charged(lite, plan(lite, "inc8", "108000", "inc"))
+        with lite.ctx.sessions() as session:
+            report = reports.settlement(session)
+            after = reports.settlement(
+                session, since=datetime.fromisoformat(body["dateCreated"]) + timedelta(seconds=1)
+            )
+            before = reports.settlement(session, until=datetime.fromisoformat(body["dateCreated"]))
+        assert report["totals"]["tax_minor"] == minor(body["iacAmount"]) == 800_000
+        assert report["totals"]["net_minor"] == minor(body["netAmount"])
+        assert after["days"] == before["days"] == []
+        # A day is Bogota's (UTC-5): 04:30 UTC on 5 January is still 4 January there.
+        with lite.ctx.sessions() as session, session.begin():
+            session.execute(update(ChargeAttempt).values(tpaga_created_at=datetime(2027, 1, 5, 4, 30, tzinfo=UTC)))
+        with lite.ctx.sessions() as session:
+            [day] = reports.settlement(session)["days"]
+        assert day["date"] == "2027-01-04"
