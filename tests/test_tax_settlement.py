@@ -313,3 +313,27 @@ def test_the_settlement_report_reads_the_same_on_sqlite(sqlite_url: str, sandbox
         with lite.ctx.sessions() as session:
             [day] = reports.settlement(session)["days"]
         assert day["date"] == "2027-01-04"
+
+
+def test_billing_sandbox_takes_the_settlement_rates(monkeypatch: pytest.MonkeyPatch) -> None:
+    from click.testing import CliRunner
+
+    from billing.cli import main
+
+    configs: list[SandboxConfig] = []
+    monkeypatch.setattr("billing.cli.sandbox.run", configs.append)
+    runner = CliRunner()
+    result = runner.invoke(
+        main, ["sandbox", "--fee-rate", "0.03", "--rete-iva-rate", "0"], env={"TPAGA_SANDBOX_FEE_FIXED": "500"}
+    )
+    assert result.exit_code == 0, result.output
+    [config] = configs
+    assert (config.fee_fixed, config.fee_rate, config.rete_iva_rate) == (Decimal(500), Decimal("0.03"), Decimal(0))
+    assert config.rete_renta_rate == SandboxConfig().rete_renta_rate  # the default: the blog's sample
+    for args, named in (
+        (["--fee-rate", "0.5"], "fee_rate must be between 0 and 0.2"),
+        (["--fee-fixed", "lots"], "'lots' is not a decimal"),
+    ):
+        bad = runner.invoke(main, ["sandbox", *args])
+        assert bad.exit_code == 2 and named in bad.output
+    assert len(configs) == 1

@@ -2,12 +2,53 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from decimal import Decimal, InvalidOperation
+
 import click
 
 from billing.sandbox.faults import MAX_LATENCY_MS
+from billing.sandbox.money import FEE_RATE, FIXED_FEE, RETE_ICA_RATE, RETE_IVA_RATE, RETE_RENTA_RATE
 from billing.sandbox.server import DEFAULT_PRIVATE_KEY, DEFAULT_PUBLIC_KEY, SandboxConfig, run
 
 _RATE = click.FloatRange(0.0, 1.0)
+
+
+class _Exact(click.ParamType[Decimal]):
+    """An exact decimal (the settlement formula's figures are money: never a float)."""
+
+    name = "decimal"
+
+    def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None) -> Decimal:
+        if isinstance(value, Decimal):
+            return value
+        try:
+            exact = Decimal(str(value).strip())
+        except InvalidOperation:
+            exact = Decimal("NaN")
+        if not exact.is_finite():
+            self.fail(f"{value!r} is not a decimal number", param, ctx)
+        return exact
+
+
+_EXACT = _Exact()
+# (option, SandboxConfig field, help): the settlement breakdown's formula (docs/sandbox.md, Fees).
+_SETTLEMENT_OPTIONS = (
+    ("--fee-fixed", "fee_fixed", FIXED_FEE, "Tpaga's fixed fee per charge, pesos."),
+    ("--fee-rate", "fee_rate", FEE_RATE, "Tpaga's fee as a share of the amount (0 to 0.2)."),
+    ("--rete-renta-rate", "rete_renta_rate", RETE_RENTA_RATE, "reteRenta as a share of the base (0 to 0.2)."),
+    ("--rete-ica-rate", "rete_ica_rate", RETE_ICA_RATE, "reteICA as a share of the base (0 to 0.2)."),
+    ("--rete-iva-rate", "rete_iva_rate", RETE_IVA_RATE, "reteIVA as a share of taxAmount (0 to 0.2)."),
+)
+
+
+def _settlement_options(command: Callable[..., None]) -> Callable[..., None]:
+    for option, field, default, text in reversed(_SETTLEMENT_OPTIONS):
+        envvar = "TPAGA_SANDBOX_" + field.upper()
+        command = click.option(
+            option, field, envvar=envvar, type=_EXACT, default=default, show_default=True, help=text
+        )(command)
+    return command
 
 
 @click.command()
@@ -81,6 +122,7 @@ _RATE = click.FloatRange(0.0, 1.0)
     default=None,
     help="Seed for ids and random faults, to replay a run.",
 )
+@_settlement_options
 def sandbox(
     host: str,
     port: int,
@@ -92,6 +134,7 @@ def sandbox(
     garbage_rate: float,
     refund_window: str,
     seed: int | None,
+    **rates: Decimal,
 ) -> None:
     """Run the Tpaga sandbox emulator: Tpaga's API under /api/, test controls under /__sandbox/."""
     config = SandboxConfig(
@@ -105,6 +148,7 @@ def sandbox(
         garbage_rate=garbage_rate,
         refund_window=refund_window,
         seed=seed,
+        **rates,
     )
     try:
         config.validate()
