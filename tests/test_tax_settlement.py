@@ -337,3 +337,15 @@ def test_billing_sandbox_takes_the_settlement_rates(monkeypatch: pytest.MonkeyPa
         bad = runner.invoke(main, ["sandbox", *args])
         assert bad.exit_code == 2 and named in bad.output
     assert len(configs) == 1
+
+
+def test_tasks_client_sends_the_tax_only_when_given() -> None:
+    from tasks import client
+    from tests.test_tasks_masking import RecordingApp
+
+    sender = RecordingApp()
+    client.upsert_plan(sender, code="g", amount="119000", currency="COP", interval="month", tax="iva", tax_rate=5)  # type: ignore[arg-type]
+    client.upsert_plan(sender, code="h", amount="4500", currency="COP", interval="month")  # type: ignore[arg-type]
+    (_, with_tax), (_, without) = sender.calls
+    assert (with_tax["kwargs"]["tax"], with_tax["kwargs"]["tax_rate"]) == ("iva", 5)
+    assert "tax" not in without["kwargs"] and "tax_rate" not in without["kwargs"]  # the worker's default: excluded
