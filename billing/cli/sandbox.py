@@ -81,6 +81,13 @@ _RATE = click.FloatRange(0.0, 1.0)
     default=None,
     help="Seed for ids and random faults, to replay a run.",
 )
+@click.option(
+    "--strict/--lenient",
+    envvar="TPAGA_SANDBOX_STRICT",
+    default=False,
+    show_default=True,
+    help="Strict: only Tpaga's documented request shapes. Lenient (default): converts like Tpaga (docs/sandbox.md).",
+)
 def sandbox(
     host: str,
     port: int,
@@ -92,6 +99,7 @@ def sandbox(
     garbage_rate: float,
     refund_window: str,
     seed: int | None,
+    strict: bool,
 ) -> None:
     """Run the Tpaga sandbox emulator: Tpaga's API under /api/, test controls under /__sandbox/."""
     config = SandboxConfig(
@@ -105,6 +113,7 @@ def sandbox(
         garbage_rate=garbage_rate,
         refund_window=refund_window,
         seed=seed,
+        strict=strict,
     )
     try:
         config.validate()
