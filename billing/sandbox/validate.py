@@ -176,6 +176,10 @@ class _Fields:
             self.fail(field, raw, "must be a JSON number" if self.strict else "must be a number")
             return Decimal(0)
         amount = Decimal(value)
+        if isinstance(raw, str) and isinstance(value, Decimal) and int(value.as_tuple().exponent) < -2:
+            # "4.500" from a Colombian form means 4,500 pesos, not 4.50: a string never loses digits silently.
+            self.fail(field, raw, "must have at most two decimals (no thousands separators)")
+            return Decimal(0)
         # Checked in this order so that only a sane amount is ever quantized: Decimal's default context has 28
         # digits, and quantizing 1e26 (or -1e308) to cents would raise InvalidOperation.
         if required and amount <= 0:
@@ -380,7 +384,8 @@ def charge_request(body: dict[str, Any], *, strict: bool = False) -> ChargeReque
     if (
         not strict
         and isinstance(installments, Decimal)
-        and abs(installments) <= MAX_INSTALLMENTS  # checked first: to_integral_value of 1e308 is a 309-digit int
+        # Checked first, and without the context (abs() of 1e1000000000 overflows): int() of 1e308 has 309 digits.
+        and installments.copy_abs() <= MAX_INSTALLMENTS
         and installments == installments.to_integral_value()
     ):
         installments = int(installments)  # "1.0" or 1.0 binds to the Integer 1
