@@ -2,6 +2,9 @@
 
 Lenient: Grails-like binding of numbers and strings, `installments` defaulting to 1, Basic auth by the user name,
 the legacy raw-number card creation. Both modes: CORS on the public-key endpoint. Every refusal changes nothing.
+
+"Nothing stored" is read from the emulator's state (customers, tokens and cards have no list endpoint); the
+server is idle between requests, so that read from the test's thread is safe.
 """
 
 from __future__ import annotations
