@@ -207,7 +207,8 @@ def run_demo(months: int = 3, echo: Callable[[str], None] = click.echo) -> bool:
     started = time.monotonic()
     base = Settings.from_env()
     os.makedirs("demo-logs", exist_ok=True)
-    sandbox = SandboxThread(SandboxConfig(port=_free_port()))
+    # strict: the project's own client must depend on no leniency real Tpaga may lack (docs/sandbox.md)
+    sandbox = SandboxThread(SandboxConfig(port=_free_port(), strict=True))
     sandbox.start()
     with ExitStack() as stack:  # unwinds the receiver and its endpoint, then the emulator
         stack.callback(sandbox.stop)

@@ -90,38 +90,62 @@ def sqlite_url(tmp_path: object) -> str:
 # --- Tpaga sandbox emulator -----------------------------------------------------------------------------
 # One emulator per test session, reset over HTTP before each test: isolated like a fresh server, without
 # paying a thread and a port per test. `sandbox_factory` gives a private emulator for non-default configs.
+# The project's own client is tested against STRICT emulators (`sandbox`, and `sandbox_factory` unless told
+# strict=False), so that what passes here depends on none of the leniency real Tpaga may or may not share.
+# `lenient_sandbox` is the emulator as users run it by default, for the tests of that leniency.
 
 
-@pytest.fixture(scope="session")
-def _shared_sandbox() -> Iterator[object]:
+def _started(strict: bool) -> Iterator[object]:
     from billing.sandbox import SandboxConfig, SandboxThread
 
-    server = SandboxThread(SandboxConfig())
+    server = SandboxThread(SandboxConfig(strict=strict))
     server.start()
     yield server
     server.stop()
 
 
-@pytest.fixture
-def sandbox(_shared_sandbox: object) -> object:
-    """A running default-config SandboxThread, freshly reset (state, faults, clock, keys)."""
+@pytest.fixture(scope="session")
+def _shared_sandbox() -> Iterator[object]:
+    yield from _started(strict=True)
+
+
+@pytest.fixture(scope="session")
+def _shared_lenient_sandbox() -> Iterator[object]:
+    yield from _started(strict=False)
+
+
+def _reset(server: object) -> object:
     import requests
 
     from billing.sandbox import SandboxThread
 
-    assert isinstance(_shared_sandbox, SandboxThread)
-    requests.post(_shared_sandbox.base_url + "__sandbox/reset", timeout=10).raise_for_status()
-    return _shared_sandbox
+    assert isinstance(server, SandboxThread)
+    requests.post(server.base_url + "__sandbox/reset", timeout=10).raise_for_status()
+    return server
+
+
+@pytest.fixture
+def sandbox(_shared_sandbox: object) -> object:
+    """A running strict SandboxThread, freshly reset (state, faults, clock, keys)."""
+    return _reset(_shared_sandbox)
+
+
+@pytest.fixture
+def lenient_sandbox(_shared_lenient_sandbox: object) -> object:
+    """A running lenient (default-config) SandboxThread, freshly reset."""
+    return _reset(_shared_lenient_sandbox)
 
 
 @pytest.fixture
 def sandbox_factory() -> Iterator[object]:
-    """Call with SandboxConfig fields (e.g. refund_window="same_day") to get a started SandboxThread."""
+    """Call with SandboxConfig fields (e.g. refund_window="same_day") to get a started SandboxThread; strict
+    unless the call says strict=False."""
     from billing.sandbox import SandboxConfig, SandboxThread
 
     started: list[SandboxThread] = []
 
     def start(**fields: object) -> SandboxThread:
+        fields.setdefault("strict", True)
         server = SandboxThread(SandboxConfig(**fields))  # type: ignore[arg-type]
         server.start()
         started.append(server)

@@ -27,6 +27,7 @@ OPTIONS = (
     "--drop-rate",
     "--garbage-rate",
     "--refund-window",
+    "--strict",
 )
 
 
@@ -55,6 +56,7 @@ def test_defaults_are_the_blogs_keys_on_loopback_port_8090(captured: list[Sandbo
     assert (config.private_key, config.public_key) == (DEFAULT_PRIVATE_KEY, DEFAULT_PUBLIC_KEY)
     assert (config.latency_ms, config.error_rate, config.drop_rate, config.garbage_rate) == (0, 0.0, 0.0, 0.0)
     assert config.refund_window == "24h"
+    assert config.strict is False  # lenient like Tpaga unless told
 
 
 def test_every_option_reads_its_environment_variable(captured: list[SandboxConfig]) -> None:
@@ -68,6 +70,7 @@ def test_every_option_reads_its_environment_variable(captured: list[SandboxConfi
         "TPAGA_SANDBOX_DROP_RATE": "0.2",
         "TPAGA_SANDBOX_GARBAGE_RATE": "0.3",
         "TPAGA_SANDBOX_REFUND_WINDOW": "same_day",
+        "TPAGA_SANDBOX_STRICT": "1",
     }
 
     result = CliRunner().invoke(main, ["sandbox"], env=env)
@@ -84,8 +87,17 @@ def test_every_option_reads_its_environment_variable(captured: list[SandboxConfi
             drop_rate=0.2,
             garbage_rate=0.3,
             refund_window="same_day",
+            strict=True,
         )
     ]
+
+
+@pytest.mark.parametrize(("args", "strict"), [(["--strict"], True), (["--lenient"], False), ([], False)])
+def test_strict_is_a_flag(captured: list[SandboxConfig], args: list[str], strict: bool) -> None:
+    result = CliRunner().invoke(main, ["sandbox", *args], env={"TPAGA_SANDBOX_STRICT": None})
+
+    assert result.exit_code == 0, result.output
+    assert captured[0].strict is strict
 
 
 def test_options_win_over_the_environment(captured: list[SandboxConfig]) -> None:
@@ -106,6 +118,7 @@ def test_options_win_over_the_environment(captured: list[SandboxConfig]) -> None
         (["--port", "70000"], {}, "--port"),
         ([], {"TPAGA_SANDBOX_DROP_RATE": "2"}, "--drop-rate"),
         ([], {"TPAGA_SANDBOX_REFUND_WINDOW": "48h"}, "--refund-window"),
+        ([], {"TPAGA_SANDBOX_STRICT": "sometimes"}, "--strict"),
         (["--public-key", DEFAULT_PRIVATE_KEY], {}, "differ"),
     ],
 )

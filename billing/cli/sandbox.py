@@ -123,6 +123,13 @@ def _settlement_options(command: Callable[..., None]) -> Callable[..., None]:
     help="Seed for ids and random faults, to replay a run.",
 )
 @_settlement_options
+@click.option(
+    "--strict/--lenient",
+    envvar="TPAGA_SANDBOX_STRICT",
+    default=False,
+    show_default=True,
+    help="Strict: only Tpaga's documented request shapes. Lenient (default): converts like Tpaga (docs/sandbox.md).",
+)
 def sandbox(
     host: str,
     port: int,
@@ -134,6 +141,7 @@ def sandbox(
     garbage_rate: float,
     refund_window: str,
     seed: int | None,
+    strict: bool,
     **rates: Decimal,
 ) -> None:
     """Run the Tpaga sandbox emulator: Tpaga's API under /api/, test controls under /__sandbox/."""
@@ -148,6 +156,7 @@ def sandbox(
         garbage_rate=garbage_rate,
         refund_window=refund_window,
         seed=seed,
+        strict=strict,
         **rates,
     )
     try:

@@ -38,6 +38,7 @@ from billing.sandbox.validate import (
     associate_request,
     charge_request,
     customer_request,
+    legacy_card_request,
     load_json,
     parse_json,
     refund_request,
@@ -57,6 +58,16 @@ _START_TIMEOUT_SECONDS = 15.0
 _JSON = "application/json"
 _UNAUTHORIZED = b'{"error":"Unauthorized"}'
 _UNAUTHORIZED_HEADERS = {"WWW-Authenticate": 'Basic realm="Tpaga"'}
+# The public-key endpoints are called from the browser (Tpaga's JS example, the seed's card form), so they answer
+# CORS; the private-key ones do not, since a private key must never be in a browser.
+_CORS_PATHS = frozenset({"/api/tokenize/credit_card"})
+_CORS_ANSWER = {"Access-Control-Allow-Origin": "*"}
+_CORS_PREFLIGHT = {
+    **_CORS_ANSWER,
+    "Access-Control-Allow-Methods": "POST, OPTIONS",
+    "Access-Control-Allow-Headers": "Authorization, Content-Type",
+    "Access-Control-Max-Age": "600",
+}
 
 
 # SandboxConfig's settlement fields, in the order of billing.sandbox.money.Rates.
@@ -87,6 +98,9 @@ class SandboxConfig:
     @property
     def rates(self) -> Rates:
         return Rates(*(Decimal(getattr(self, name)) for name in _RATE_FIELDS))
+    # False: lenient like Tpaga (Grails data binding, auth by user name, legacy card creation). True: only the
+    # documented shapes, so a client that passes strict mode depends on none of that (docs/sandbox.md).
+    strict: bool = False
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad setting."""
@@ -171,8 +185,13 @@ class Sandbox:
         except ValueError:  # not base64 (binascii.Error), not ASCII, or not UTF-8 inside: not a key either way
             return None
         user, colon, password = decoded.partition(":")
-        if not colon or password:
-            return None  # Tpaga's scheme is the key as user name and an empty password
+        if self.config.strict:
+            if not colon or password:
+                return None  # Tpaga's documented scheme: the key as user name and an empty password
+        else:
+            # Tpaga authenticated by the user name alone: a production shop sent `key + ": "` (and `pk + " "`,
+            # no colon at all) from its first sandbox version to production.
+            user = user.strip()
         return self._auth.get("Basic " + base64.b64encode(f"{user}:".encode()).decode())
 
     async def _sleep(self, seconds: float) -> None:
@@ -268,7 +287,7 @@ class Sandbox:
 
     async def create_customer(self, request: web.Request) -> web.StreamResponse:
         body = parse_json(await request.read(), request.charset, CUSTOMER)
-        customer = self.state.create_customer(customer_request(body))
+        customer = self.state.create_customer(customer_request(body, strict=self.config.strict))
         return _json(201, render.customer(customer))
 
     async def get_customer(self, request: web.Request) -> web.StreamResponse:
@@ -282,14 +301,25 @@ class Sandbox:
 
     async def tokenize(self, request: web.Request) -> web.StreamResponse:
         body = parse_json(await request.read(), request.charset, TOKEN)
-        token = self.state.tokenize(tokenize_request(body))
+        token = self.state.tokenize(tokenize_request(body, strict=self.config.strict))
         return _json(201, render.token(token))
 
     async def associate(self, request: web.Request) -> web.StreamResponse:
         customer_id = request.match_info["customer_id"]
         self.state.get_customer(customer_id)  # an unknown customer is a 404 even when the body is bad
         body = parse_json(await request.read(), request.charset, CARD)
-        card = self.state.associate(customer_id, associate_request(body))
+        card = self.state.associate(customer_id, associate_request(body, strict=self.config.strict))
+        return _json(201, render.card(card))
+
+    async def create_card(self, request: web.Request) -> web.StreamResponse:
+        """Legacy `POST customer/{id}/credit_card` (a raw card number with the private key): lenient mode only,
+        since a client that relies on it may not pass today's Tpaga, which documents tokenize + associate."""
+        customer_id = request.match_info["customer_id"]
+        if self.config.strict:
+            raise NotFound("the legacy card creation from a raw number is off in strict mode: tokenize, then associate")
+        self.state.get_customer(customer_id)
+        body = parse_json(await request.read(), request.charset, CARD, holds_card_number=True)
+        card = self.state.create_card(customer_id, legacy_card_request(body, strict=False))
         return _json(201, render.card(card))
 
     async def get_card(self, request: web.Request) -> web.StreamResponse:
@@ -309,7 +339,7 @@ class Sandbox:
         record: Charge | None = None
         try:
             body = parse_json(await request.read(), request.charset, CHARGE)
-            record = self.state.charge(charge_request(body), self._delivery(fault))
+            record = self.state.charge(charge_request(body, strict=self.config.strict), self._delivery(fault))
             status, payload = (201 if record.approved else 402), render.dumps(render.charge(record))
         except ValidationFailed as exc:
             self.state.stats.charges["invalid"] += 1
@@ -326,7 +356,7 @@ class Sandbox:
         record: RefundRecord | None = None
         try:
             body = parse_json(await request.read(), request.charset, REFUND)
-            result = self.state.refund(refund_request(body), self._delivery(fault))
+            result = self.state.refund(refund_request(body, strict=self.config.strict), self._delivery(fault))
             record = result.record
             status = 202 if result.voided else 406
             payload = render.dumps(render.charge(result.charge))
@@ -474,6 +504,10 @@ class Sandbox:
             web.delete("/api/customer/{customer_id}", api("DELETE customer", PRIVATE)(self.delete_customer)),
             web.post("/api/tokenize/credit_card", api("POST tokenize/credit_card", PUBLIC)(self.tokenize)),
             web.post(
+                "/api/customer/{customer_id}/credit_card",
+                api("POST customer/credit_card", PRIVATE)(self.create_card),
+            ),
+            web.post(
                 "/api/customer/{customer_id}/credit_card_token",
                 api("POST customer/credit_card_token", PRIVATE)(self.associate),
             ),
@@ -518,13 +552,29 @@ async def _control(request: web.Request, apply: Callable[[dict[str, Any]], objec
         return _invalid(exc)
 
 
+@web.middleware
+async def _cors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Answers the browser's preflight and lets it read every answer of a public-key endpoint, errors included."""
+    if request.path not in _CORS_PATHS:
+        return await handler(request)
+    if request.method == "OPTIONS":
+        return web.Response(status=204, headers=_CORS_PREFLIGHT)
+    try:
+        response = await handler(request)
+    except web.HTTPException as exc:  # 405, 413: aiohttp's own answers, which a browser must be able to read too
+        exc.headers.update(_CORS_ANSWER)
+        raise
+    response.headers.update(_CORS_ANSWER)
+    return response
+
+
 SANDBOX_KEY = web.AppKey("sandbox", Sandbox)
 
 
 def make_app(config: SandboxConfig) -> web.Application:
     """The aiohttp application of one emulator; its Sandbox is at app[SANDBOX_KEY]."""
     sandbox = Sandbox(config)
-    app = web.Application()
+    app = web.Application(middlewares=[_cors])
     app[SANDBOX_KEY] = sandbox
     app.add_routes(sandbox.routes())
     app.on_shutdown.append(sandbox.on_shutdown)

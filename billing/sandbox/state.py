@@ -219,12 +219,15 @@ class SandboxState:
 
     # --- cards ------------------------------------------------------------------------------------------
 
-    def tokenize(self, request: TokenizeRequest) -> Token:
+    def _refuse_expired(self, request: TokenizeRequest, obj: str) -> None:
         now = self.clock.now().astimezone(BOGOTA)
         if request.expiration_year < now.year:
-            raise ValidationFailed.one(TOKEN, "expirationYear", request.expiration_year, "the card has expired")
+            raise ValidationFailed.one(obj, "expirationYear", request.expiration_year, "the card has expired")
         if request.expiration_year == now.year and request.expiration_month < now.month:
-            raise ValidationFailed.one(TOKEN, "expirationMonth", request.expiration_month, "the card has expired")
+            raise ValidationFailed.one(obj, "expirationMonth", request.expiration_month, "the card has expired")
+
+    def tokenize(self, request: TokenizeRequest) -> Token:
+        self._refuse_expired(request, TOKEN)
         token = Token(self._new_id(), request, self.clock.now())
         self.tokens[token.id] = token
         return token
@@ -237,7 +240,23 @@ class SandboxState:
         if token.used:
             raise ValidationFailed.one(CARD, "token", request.token, "the credit card token was already used")
         token.used = True
-        data = token.card
+        return self._new_card(customer, token.card)
+
+    def create_card(self, customer_id: str, request: TokenizeRequest) -> Card:
+        """The legacy card creation from a raw number with the private key (Tpaga's Ruby README): test cards only,
+        so that no real card number is ever sent to, or kept by, the emulator."""
+        customer = self.get_customer(customer_id)
+        if request.number not in cards.TEST_CARDS:
+            raise ValidationFailed.one(
+                CARD,
+                "primaryAccountNumber",
+                cards.mask(request.number),
+                "only the emulator's test cards can be created from a raw number (docs/sandbox.md)",
+            )
+        self._refuse_expired(request, CARD)
+        return self._new_card(customer, request)
+
+    def _new_card(self, customer: Customer, data: TokenizeRequest) -> Card:
         card = Card(
             id=self._new_id(),
             customer_id=customer.id,
