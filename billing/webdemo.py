@@ -25,6 +25,7 @@ import re
 import secrets
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 from collections.abc import Callable, Mapping
@@ -286,13 +287,19 @@ def run_web_demo(host: str, port: int, echo: Callable[[str], None] = click.echo)
     from billing.sandbox.server import DEFAULT_PRIVATE_KEY, DEFAULT_PUBLIC_KEY, SandboxConfig, SandboxThread
     from tasks import client
 
+    listening = _listen(host, port)  # first: a port in use stops the demo before it starts anything
     state_dir = tempfile.mkdtemp(prefix="billing-web-demo-")
     database_url = f"sqlite:///{os.path.join(state_dir, 'billing.db')}"
     broker_url = f"sqla+sqlite:///{os.path.join(state_dir, 'celery-broker.db')}"
     logs = os.path.abspath("demo-logs")
     os.makedirs(logs, exist_ok=True)
     with ExitStack() as stack:
+        stack.callback(listening.close)
         stack.callback(shutil.rmtree, state_dir, True)
+        # Until the shop's event loop takes SIGTERM over, it unwinds this stack like Ctrl-C does: the worker and
+        # beat run in sessions of their own, and the default action would leave them running.
+        previous = signal.signal(signal.SIGTERM, _interrupt)
+        stack.callback(signal.signal, signal.SIGTERM, previous)
         sandbox = SandboxThread(SandboxConfig(host=host, port=0)).start()
         stack.callback(sandbox.stop)
         echo(f"[web] emulator at {sandbox.api_url} (its ledger: {sandbox.base_url}__sandbox/ledger)")
@@ -357,20 +364,37 @@ def run_web_demo(host: str, port: int, echo: Callable[[str], None] = click.echo)
         _wait(plan_ready, WORKER_START_TIMEOUT_SECONDS, "the worker to create the demo's plan")
         echo(f"[web] the worker created plan {PLAN_CODE} ({PLAN_AMOUNT} {PLAN_CURRENCY} a month)")
         merchant = Merchant(f"{sandbox.base_url}__sandbox/checkout", CeleryShop(shop_app, sessions))
-        asyncio.run(_serve(merchant.app(), host, port, echo))
+        asyncio.run(_serve(merchant.app(), listening, echo))
 
 
-async def _serve(app: web.Application, host: str, port: int, echo: Callable[[str], None]) -> None:
+def _interrupt(_signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(address)
+            sock.listen(128)
+        except OSError:
+            sock.close()
+            raise
+    except OSError as exc:  # socket.gaierror too: a host that does not resolve
+        raise click.ClickException(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    return sock
+
+
+async def _serve(app: web.Application, sock: socket.socket, echo: Callable[[str], None]) -> None:
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, host, port)
-    try:
-        await site.start()
-    except OSError as exc:
-        await runner.cleanup()
-        raise click.ClickException(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    await web.SockSite(runner, sock).start()
     bound = runner.addresses[0]
-    shown = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
+    # A wildcard bind is reached on loopback; an IPv6 address is bracketed in a URL.
+    reach = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(bound[0], bound[0])
+    shown = f"[{reach}]" if ":" in reach else reach
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):

@@ -11,6 +11,7 @@ to the test's temporary directory.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -122,19 +123,7 @@ class WebDemo:
 @pytest.fixture(scope="module")
 def web_demo(chromium: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[WebDemo]:
     """Started before the browser is needed, so the two start at once."""
-    cwd = tmp_path_factory.mktemp("web-demo")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("DATABASE_URL", "CELERY_", "TPAGA_", "BILLING_"))}
-    billing = Path(sys.executable).with_name("billing")
-    proc = subprocess.Popen(
-        [str(billing), "demo", "--web", "--port", "0"],
-        cwd=cwd,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    demo = WebDemo(proc, cwd)
-    threading.Thread(target=demo.read, daemon=True).start()
+    demo = _start_web_demo(tmp_path_factory.mktemp("web-demo"))
     yield demo
     demo.stop()
 
@@ -239,10 +228,57 @@ def test_a_rotated_public_key_shows_the_seeds_authentication_error(sandbox_facto
     assert list(emulator.sandbox.state.tokens) == [page.inner_text("#token_result").rsplit(" ", 1)[1]]
 
 
-def test_stopping_the_web_demo_stops_it_cleanly_and_removes_its_state(web_demo: WebDemo):
+def _processes_mentioning(text: str) -> list[int]:
+    """Processes whose command line or environment holds `text` (the worker's DATABASE_URL, beat's --schedule
+    both name the demo's state directory)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            with contextlib.suppress(OSError):
+                if any(text.encode() in (proc / part).read_bytes() for part in ("cmdline", "environ")):
+                    found.append(int(proc.name))
+    return found
+
+
+def _start_web_demo(cwd: Path) -> WebDemo:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DATABASE_URL", "CELERY_", "TPAGA_", "BILLING_"))}
+    billing = Path(sys.executable).with_name("billing")
+    proc = subprocess.Popen(
+        [str(billing), "demo", "--web", "--port", "0"],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    demo = WebDemo(proc, cwd)
+    threading.Thread(target=demo.read, daemon=True).start()
+    return demo
+
+
+def test_stopping_the_web_demo_stops_its_processes_and_removes_its_state(web_demo: WebDemo):
     web_demo.wait_ready()
     state = Path(web_demo.found(r"\[web\] fresh state in (\S+) "))
-    assert state.is_dir()
+    assert state.is_dir() and len(_processes_mentioning(str(state))) >= 2  # the worker and beat at least
     assert web_demo.stop() == 0, web_demo.output()
     assert web_demo.lines[-1] == "[web] stopped"
     assert not state.exists()
+    assert _processes_mentioning(str(state)) == []
+
+
+def test_a_sigterm_while_the_web_demo_starts_stops_its_worker_and_beat_too(tmp_path: Path):
+    demo = _start_web_demo(tmp_path)
+    try:
+        # Right after it started the worker and beat, before the shop's event loop takes SIGTERM over.
+        for _ in range(READY_TIMEOUT_SECONDS * 10):
+            if any("[web] fresh state in" in line for line in demo.lines) or demo.proc.poll() is not None:
+                break
+            threading.Event().wait(0.1)
+        state = demo.found(r"\[web\] fresh state in (\S+) ")
+        assert _processes_mentioning(state)
+        demo.proc.send_signal(signal.SIGTERM)
+        demo.proc.wait(60)
+        assert _processes_mentioning(state) == [], demo.output()
+        assert not Path(state).exists()
+    finally:
+        demo.stop()

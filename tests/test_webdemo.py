@@ -6,15 +6,19 @@ The whole flow with a real worker and a real browser is tests/test_browser_check
 from __future__ import annotations
 
 import asyncio
+import socket
+import tempfile
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
 
+import click
 import pytest
 from aiohttp import ClientSession
 from aiohttp.test_utils import TestServer
 
-from billing.webdemo import BadSignup, Merchant, Signup, parse_signup, render_state, request_ids
+from billing.webdemo import BadSignup, Merchant, Signup, parse_signup, render_state, request_ids, run_web_demo
 
 GOOD = {"tmp_cc_token": "87we9uv06vv7jyjq", "email": "ana@example.com", "firstName": "Ana", "lastName": "Gómez"}
 
@@ -152,3 +156,20 @@ def test_request_ids_follow_the_subscription_key():
         "card": "signup-0123456789ab-card",
         "subscription": "signup-0123456789ab-subscription",
     }
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "no-such-host.invalid"])
+def test_a_port_in_use_or_a_bad_host_stops_the_web_demo_before_it_starts_anything(
+    host: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "temp"))
+    (tmp_path / "temp").mkdir()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        with pytest.raises(click.ClickException, match=f"cannot listen on {host}:{port}: "):
+            run_web_demo(host, port, echo=pytest.fail)
+    assert list(tmp_path.iterdir()) == [tmp_path / "temp"]  # no demo-logs/
+    assert list((tmp_path / "temp").iterdir()) == []  # no state directory
