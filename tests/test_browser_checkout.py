@@ -3,7 +3,9 @@
 Case 1 runs `billing demo --web` as a user would (emulator, shop, real celery worker and beat), fills the
 emulator's checkout with an approving test card and checks the emulator's ledger: the card is associated to the
 customer the form named, and charged. Case 2 types an expired card and checks the per-field error; case 3 the
-seed's 401 message after the public key was rotated. One browser for the module.
+seed's 401 message after the public key was rotated. One browser for the module; marked `browser` where a
+browser is driven and `celery` where the demo's worker runs (the last case, a SIGTERM while it starts, needs no
+browser).
 
 BILLING_CHECKOUT_SCREENSHOT=docs/checkout.png saves the filled form there (docs/checkout.md); otherwise it goes
 to the test's temporary directory.
@@ -30,8 +32,6 @@ import requests
 from billing.sandbox import SandboxThread
 from billing.sandbox.server import DEFAULT_PRIVATE_KEY
 from tests.conftest import service_missing
-
-pytestmark = pytest.mark.browser
 
 CHROMIUM = os.environ.get("BILLING_TEST_CHROMIUM", "/usr/bin/chromium")
 READY_TIMEOUT_SECONDS = 120
@@ -142,6 +142,8 @@ def _private(url: str) -> Any:
     return answer.json()
 
 
+@pytest.mark.browser
+@pytest.mark.celery
 def test_a_card_typed_in_the_checkout_is_associated_to_the_customer_and_charged(
     web_demo: WebDemo, page: Any, tmp_path: Path
 ):
@@ -185,6 +187,7 @@ def test_a_card_typed_in_the_checkout_is_associated_to_the_customer_and_charged(
         assert tokens[0] not in text and DEFAULT_PRIVATE_KEY not in text
 
 
+@pytest.mark.browser
 def test_an_expired_card_is_shown_as_an_error_on_its_field(sandbox_factory: Any, page: Any):
     emulator: SandboxThread = sandbox_factory()
     page.goto(emulator.base_url + "__sandbox/checkout?return_to=http://127.0.0.1:9/never")
@@ -210,6 +213,7 @@ def test_an_expired_card_is_shown_as_an_error_on_its_field(sandbox_factory: Any,
     assert len(emulator.sandbox.state.tokens) == 1
 
 
+@pytest.mark.browser
 def test_a_rotated_public_key_shows_the_seeds_authentication_error(sandbox_factory: Any, page: Any):
     emulator: SandboxThread = sandbox_factory()
     page.goto(emulator.base_url + "__sandbox/checkout")  # no return_to: the page shows the token itself
@@ -256,6 +260,8 @@ def _start_web_demo(cwd: Path) -> WebDemo:
     return demo
 
 
+@pytest.mark.browser  # it stops the demo the browser case used
+@pytest.mark.celery
 def test_stopping_the_web_demo_stops_its_processes_and_removes_its_state(web_demo: WebDemo):
     web_demo.wait_ready()
     state = Path(web_demo.found(r"\[web\] fresh state in (\S+) "))
@@ -266,6 +272,7 @@ def test_stopping_the_web_demo_stops_its_processes_and_removes_its_state(web_dem
     assert _processes_mentioning(str(state)) == []
 
 
+@pytest.mark.celery
 def test_a_sigterm_while_the_web_demo_starts_stops_its_worker_and_beat_too(tmp_path: Path):
     demo = _start_web_demo(tmp_path)
     try:
