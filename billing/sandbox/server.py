@@ -20,8 +20,8 @@ from typing import Any
 
 from aiohttp import web
 
+from billing.sandbox import checkout, render
 from billing.sandbox import faults as fault_kinds
-from billing.sandbox import render
 from billing.sandbox.cards import mask
 from billing.sandbox.clock import ClockError, iso
 from billing.sandbox.errors import FieldError, NotFound, ValidationFailed
@@ -490,6 +490,9 @@ class Sandbox:
         self._rebuild_auth()
         return {"rotated": sorted(name for name in ("privateKey", "publicKey") if name in body)}
 
+    async def checkout(self, request: web.Request) -> web.StreamResponse:
+        return checkout.response(request.query.get("return_to"), self.state.public_key, self.state.clock.now())
+
     async def reset(self, _request: web.Request) -> web.StreamResponse:
         self.state.reset()
         self.faults.reset()
@@ -532,6 +535,7 @@ class Sandbox:
             web.post("/__sandbox/script", self.script),
             web.post("/__sandbox/keys", self.keys),
             web.post("/__sandbox/reset", self.reset),
+            web.get("/__sandbox/checkout", self.checkout),
         ]
 
 
