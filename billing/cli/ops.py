@@ -9,6 +9,7 @@ from typing import Any
 
 import click
 
+from billing import display
 from billing.cli.common import (
     ID,
     actor_options,
@@ -32,8 +33,7 @@ from billing.domain.money import CURRENCY_EXPONENTS
 
 
 def _echo_counts(title: str, counts: dict[str, Any]) -> None:
-    shown = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()) if v) if counts else ""
-    click.echo(f"{title:<12} {shown or '-'}")
+    click.echo(f"{title:<12} {display.counts(counts, empty='-')}")
 
 
 @click.command()
@@ -91,8 +91,7 @@ def status(as_json: bool, database_url: str | None) -> None:
     for section in ("subscriptions", "invoices", "attempts", "refunds"):
         counts = data.get(section) or {}
         total = sum(counts.values())
-        detail = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
-        click.echo(f"{section:<14} {total:>7}   {detail}")
+        click.echo(f"{section:<14} {total:>7}   {display.counts(counts, empty='')}")
     click.echo(
         f"{'review queue':<14} {data.get('review', 0):>7}"
         + ("   (see `billing review list`)" if data.get("review") else "")
@@ -688,7 +687,7 @@ def clock_show(as_json: bool, database_url: str | None) -> None:
     if as_json:
         echo_json(data)
         return
-    click.echo(f"test clock  {format_time(now)}  (offset {timedelta(seconds=offset)}, {offset:.0f}s)")
+    click.echo(f"test clock  {format_time(now)}  (offset {display.duration(offset)}, {offset:.0f}s)")
     if settings.clock != "database":
         click.echo("note: BILLING_CLOCK is not 'database', so this process runs on the system clock")
 
@@ -728,6 +727,6 @@ def clock_advance(duration: str, sandbox_url: str | None, database_url: str | No
             raise
     finally:
         engine.dispose()
-    click.echo(f"test clock advanced by {delta} to {format_time(now)}")
+    click.echo(f"test clock advanced by {display.duration(delta)} to {format_time(now)}")
     if sandbox_now is not None:
-        click.echo(f"sandbox clock advanced by {delta} to {sandbox_now}")
+        click.echo(f"sandbox clock advanced by {display.duration(delta)} to {sandbox_now}")
