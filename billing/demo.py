@@ -10,9 +10,11 @@ the events the receiver got (each verified, each subscription's in order, none m
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections import Counter
@@ -39,6 +41,7 @@ from billing.db.models import (
     StreamEvent,
     Subscription,
 )
+from billing.display import counts, duration
 from billing.domain.money import Money
 from billing.listener import Heard, Listener, summary
 
@@ -125,7 +128,7 @@ def _free_port() -> int:
 
 @contextmanager
 def _process(cmd: list[str], env: dict[str, str], log_path: str) -> Iterator[subprocess.Popen[bytes]]:
-    with open(log_path, "ab") as log:
+    with open(log_path, "wb") as log:  # each run's logs alone
         proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         yield proc
@@ -205,7 +208,12 @@ def run_demo(months: int = 3, echo: Callable[[str], None] = click.echo) -> bool:
     from billing.services.subscriptions import cancel_subscription
 
     started = time.monotonic()
-    base = Settings.from_env()
+    Settings.from_env()  # a malformed setting (.env included) stops the demo before anything starts
+    # Fresh state every run: the test clock the demo advances lives in the database, and the emulator starts
+    # empty each time, so a database kept from an earlier run would disagree with the new emulator's ledger. The
+    # demo never uses DATABASE_URL or CELERY_BROKER_URL, so the README's later commands find their billing.db
+    # as they left it.
+    state = tempfile.mkdtemp(prefix="billing-demo-")
     os.makedirs("demo-logs", exist_ok=True)
     # strict: the project's own client must depend on no leniency real Tpaga may lack (docs/sandbox.md)
     sandbox = SandboxThread(SandboxConfig(port=_free_port(), strict=True))
@@ -214,8 +222,8 @@ def run_demo(months: int = 3, echo: Callable[[str], None] = click.echo) -> bool:
         stack.callback(sandbox.stop)
         env = dict(os.environ)
         env.update(
-            DATABASE_URL=base.database_url,
-            CELERY_BROKER_URL=base.broker_url,
+            DATABASE_URL=f"sqlite:///{os.path.join(state, 'billing.db')}",
+            CELERY_BROKER_URL=f"sqla+sqlite:///{os.path.join(state, 'celery-broker.db')}",
             TPAGA_API_URL=sandbox.api_url,
             TPAGA_PRIVATE_KEY=DEFAULT_PRIVATE_KEY,
             TPAGA_PUBLIC_KEY=DEFAULT_PUBLIC_KEY,
@@ -230,7 +238,7 @@ def run_demo(months: int = 3, echo: Callable[[str], None] = click.echo) -> bool:
         )
         settings = Settings.from_env(env)
         echo(f"[demo] emulator at {sandbox.api_url}")
-        echo(f"[demo] database {settings.database_url}, broker {settings.broker_url}")
+        echo(f"[demo] fresh state in {state} (its own database and broker, removed when the demo succeeds)")
         upgrade(settings.database_url)
         client = TpagaClient(sandbox.api_url, DEFAULT_PRIVATE_KEY, DEFAULT_PUBLIC_KEY)
         ctx = build_context(settings, gateway=client)
@@ -252,7 +260,7 @@ def run_demo(months: int = 3, echo: Callable[[str], None] = click.echo) -> bool:
             requests.post(
                 f"{sandbox.base_url}__sandbox/clock", json={"advanceSeconds": delta.total_seconds()}, timeout=10
             ).raise_for_status()
-            echo(f"[demo] clock +{delta} -> {clock.now():%Y-%m-%d %H:%M} UTC ({label})")
+            echo(f"[demo] clock +{duration(delta)} -> {clock.now():%Y-%m-%d %H:%M} UTC ({label})")
 
         plan_id = _plan(ctx, catalog)
         subs: dict[str, list[int]] = {}
@@ -294,7 +302,7 @@ def run_demo(months: int = 3, echo: Callable[[str], None] = click.echo) -> bool:
             "beat",
             "--loglevel=INFO",
             "--schedule",
-            os.path.join(logs, "celerybeat-schedule"),
+            os.path.join(state, "celerybeat-schedule"),
         ]
         with (
             _process(worker_cmd, env, os.path.join(logs, "worker.log")),
@@ -310,13 +318,17 @@ def run_demo(months: int = 3, echo: Callable[[str], None] = click.echo) -> bool:
                 _wait(done, 120, what)
                 with ctx.sessions() as session:
                     s = reports.status(session)
-                echo(f"[demo]   invoices {s['invoices']} review={s['review']} refunds {s['refunds']}")
+                echo(f"[demo]   invoices {counts(s['invoices'])}; refunds {counts(s['refunds'])}")
 
             settle("the first charges")
             advance(timedelta(hours=2), "a customer cancels and asks for the last charge back")
             canceled = subs["approves"][0]
             result = cancel_subscription(ctx, subscription_id=canceled, refund_last_charge=True)
-            echo(f"[demo] canceled subscription {canceled}: refund {result['refund']}")
+            refund = result.get("refund")
+            echo(
+                f"[demo] canceled subscription {canceled}: "
+                + (f"refund {refund['refund_id']} {refund['state']}" if refund else "no paid invoice to refund")
+            )
             settle("the refund")
             for day in (1, 2, 2, 2):  # dunning retries at 1, 3, 5 and 7 days
                 advance(timedelta(days=day, minutes=5), "dunning retries")
@@ -336,7 +348,8 @@ def run_demo(months: int = 3, echo: Callable[[str], None] = click.echo) -> bool:
 
             assert invoice_id is not None
             outcome = request_refund(ctx, invoice_id=invoice_id, reason="asked too late")
-            echo(f"[demo] a refund asked {clock.now() - _approved_at(ctx, invoice_id)} after approval: {outcome.state}")
+            asked = duration(clock.now() - _approved_at(ctx, invoice_id))
+            echo(f"[demo] a refund asked {asked} after approval: {outcome.state}")
             for month in range(1, months + 1):
                 advance(timedelta(days=31), f"month {month}: renewals")
                 settle(f"month {month}")
@@ -348,7 +361,10 @@ def run_demo(months: int = 3, echo: Callable[[str], None] = click.echo) -> bool:
             for row in reports.outcomes_by_code(session):
                 echo(f"  {row['error_code'] or '-':<10}{row['class'] or '-':<10}{row['state']:<10}{row['count']:>6}")
             status = reports.status(session)
-            echo(f"\nStatus: {status['invoices']}; review queue {status['review']}; refunds {status['refunds']}")
+            echo(
+                f"\nStatus: invoices {counts(status['invoices'])}; review queue {status['review']}; "
+                f"refunds {counts(status['refunds'])}"
+            )
             ok, lines = reconcile_ledger(session, sandbox.base_url)
             events_ok, event_lines = received.report(session, endpoint.endpoint_id, from_offset)
         echo("\nLedger reconciliation:")
@@ -363,7 +379,11 @@ def run_demo(months: int = 3, echo: Callable[[str], None] = click.echo) -> bool:
             f"{'every event reached the receiver, in order' if events_ok else 'the event stream fell short'}; "
             f"took {time.monotonic() - started:.0f}s"
         )
-        return ok and events_ok
+        if not (ok and events_ok):
+            echo(f"[demo] its database is kept for a look: {settings.database_url}")
+    if ok and events_ok:  # after the processes, the receiver's endpoint and the emulator are gone
+        shutil.rmtree(state, ignore_errors=True)
+    return ok and events_ok
 
 
 def _plan(ctx: Any, catalog: Any) -> int:
