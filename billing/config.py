@@ -22,6 +22,11 @@ class ConfigError(ValueError):
     """Raised when a setting is missing or malformed; the message names the variable."""
 
 
+def describe_config_error(exc: ConfigError) -> str:
+    """The one line every program of this project shows for a bad setting (`billing`, `celery -A tasks`)."""
+    return f"configuration: {exc}"
+
+
 def _load_dotenv() -> None:
     path = Path.cwd() / ".env"
     if path.is_file():

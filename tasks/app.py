@@ -5,7 +5,9 @@ nothing, so another app may import `tasks.client` whatever its working directory
 
 - The app's settings are read when something first reads `app.conf` (`LazyConfig`): the
   `celery -A tasks worker|beat|flower|inspect` commands do that before they start, so a malformed setting still
-  stops them at once with a message naming the variable.
+  stops them at once, with the one line the `billing` command gives (`Error: configuration: ...`, exit 1).
+- A worker and beat log at `BILLING_LOG_LEVEL` (default INFO) unless `--loglevel` is given (`BillingWorker`,
+  `BillingBeat`): Celery's own default, WARNING, shows none of the work a worker does.
 - A process that runs this app as a service is prepared (`configure_process`: log masking, the monitor's rule,
   the broker-restart guard, the warm start of a worker) by the app's loader, which Celery asks to import the
   task modules when a worker or beat starts and Flower when it starts (`BillingLoader`); `celery events` gets
@@ -21,12 +23,15 @@ import threading
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, cast
 
+import click
 from celery import Celery, Task, current_app, signals
 from celery.app.events import Events
+from celery.apps.beat import Beat
+from celery.apps.worker import Worker
 from celery.loaders.app import AppLoader
 from kombu.utils.objects import cached_property
 
-from billing.config import Settings
+from billing.config import ConfigError, Settings, describe_config_error
 from tasks import logs, monitor, resilience
 from tasks.base import BillingTask
 from tasks.config import TaskSettings, celery_config
@@ -59,8 +64,62 @@ class BillingEvents(Events):  # type: ignore[misc]
         return super().State
 
 
+class SettingError(ConfigError, click.ClickException):
+    """Raised when the app reads a malformed setting: still a ConfigError for code that embeds the app, and a
+    ClickException for the `celery` command, which then prints one line and exits 1 instead of a traceback."""
+
+    def __init__(self, exc: ConfigError) -> None:
+        click.ClickException.__init__(self, describe_config_error(exc))
+
+
+def _celery_config() -> Mapping[str, Any]:
+    try:
+        return celery_config(task_settings())
+    except ConfigError as exc:
+        raise SettingError(exc) from None
+
+
+def _log_level(given: Any) -> Any:
+    """The level of a worker or beat that the `celery` command starts: `--loglevel` (or Celery's
+    CELERY_WORKER_LOGLEVEL) when given, else BILLING_LOG_LEVEL. Started another way, as given."""
+    from click.core import ParameterSource
+
+    ctx = click.get_current_context(silent=True)
+    if ctx is None or ctx.get_parameter_source("loglevel") is not ParameterSource.DEFAULT:
+        return given
+    return task_settings().log_level
+
+
+class BillingWorker(Worker):  # type: ignore[misc]
+    """`celery worker` with the log level of `_log_level` (its banner and task list agree with it)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs["loglevel"] = _log_level(kwargs.get("loglevel"))
+        super().__init__(*args, **kwargs)
+
+
+class BillingBeat(Beat):  # type: ignore[misc]
+    """`celery beat` with the log level of `_log_level`."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs["loglevel"] = _log_level(kwargs.get("loglevel", "WARN"))
+        super().__init__(*args, **kwargs)
+
+
+class BillingCelery(Celery):  # type: ignore[misc]
+    """The app class: Celery's, with our worker and beat."""
+
+    @cached_property
+    def Worker(self) -> Any:  # Celery's name
+        return self.subclass_with_self(BillingWorker)
+
+    @cached_property
+    def Beat(self) -> Any:  # Celery's name
+        return self.subclass_with_self(BillingBeat)
+
+
 # Only our tasks get BillingTask (see `task`); Celery's built-in tasks keep their own base.
-app = Celery("billing", loader=BillingLoader, events=BillingEvents)
+app = BillingCelery("billing", loader=BillingLoader, events=BillingEvents)
 runtime = Runtime(app, task_settings)
 
 
@@ -90,7 +149,7 @@ class LazyConfig(Mapping[str, Any]):
         return len(self._loaded())
 
 
-app.config_from_object(LazyConfig(lambda: celery_config(task_settings())))
+app.config_from_object(LazyConfig(_celery_config))
 
 
 def task(name: str, **options: Any) -> Callable[[Callable[..., Any]], Task]:

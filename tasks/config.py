@@ -129,6 +129,7 @@ BEAT_INTERVALS: tuple[tuple[str, str, int], ...] = (
 )
 
 POOLS = ("threads", "prefork", "solo", "eventlet", "gevent")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 MAX_CHARGE_BATCH = 1000
 REDIS_SCHEMES = ("redis://", "rediss://", "redis+socket://", "sentinel://")
 
@@ -169,6 +170,9 @@ class TaskSettings:
     # Events are kept this long (and replayable) once delivered everywhere; a backlog is kept until delivered.
     event_retention_days: int = 90
     delivery_threads: int = 64  # webhooks in flight per process (coroutines; the name predates them)
+    # A worker's and beat's log level when `--loglevel` is not given (Celery's own default, WARNING, hides
+    # every task a worker runs).
+    log_level: str = "INFO"
     beat_seconds: tuple[tuple[str, int], ...] = tuple((name, default) for name, _, default in BEAT_INTERVALS)
 
     def beat_interval(self, task_name: str) -> int:
@@ -188,6 +192,11 @@ class TaskSettings:
         pool = env.get("BILLING_WORKER_POOL") or "threads"
         if pool not in POOLS:
             raise ConfigError(f"BILLING_WORKER_POOL must be one of {', '.join(POOLS)}; got {pool!r}")
+        log_level = (env.get("BILLING_LOG_LEVEL") or "INFO").strip().upper()
+        if log_level not in LOG_LEVELS:
+            raise ConfigError(
+                f"BILLING_LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}; got {env.get('BILLING_LOG_LEVEL')!r}"
+            )
         settings = cls(
             broker_url=env.get("CELERY_BROKER_URL") or DEFAULT_BROKER_URL,
             result_backend=env.get("CELERY_RESULT_BACKEND") or None,
@@ -205,6 +214,7 @@ class TaskSettings:
             outbox_min_age_seconds=_int(env, "BILLING_OUTBOX_MIN_AGE_SECONDS", 5, 0),
             event_retention_days=_int(env, "BILLING_EVENT_RETENTION_DAYS", 90, 1),
             delivery_threads=_int(env, "BILLING_DELIVERY_THREADS", 64, 1),
+            log_level=log_level,
             beat_seconds=tuple((name, _int(env, var, default, 1)) for name, var, default in BEAT_INTERVALS),
         )
         settings.check()

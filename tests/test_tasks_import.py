@@ -137,5 +137,19 @@ def test_a_celery_command_started_with_a_malformed_setting_stops_naming_the_vari
     with proc:
         assert proc.proc is not None
         proc.proc.wait(60)
-    assert proc.proc.returncode != 0
-    assert "BILLING_SENDING_LEASE_SECONDS must be an integer, got 'abc'" in proc.log_text()
+    assert proc.proc.returncode == 1
+    # The one line the `billing` command gives for it, not a traceback through Celery's option parsing
+    assert proc.log_text().strip().splitlines() == [
+        "Error: configuration: BILLING_SENDING_LEASE_SECONDS must be an integer, got 'abc'"
+    ]
+
+
+def test_a_worker_given_a_malformed_worker_setting_in_its_environment_stops_with_one_line(tmp_path: Path) -> None:
+    proc = CeleryProcess(["worker", "--pool", "solo"], process_env({"BILLING_LOG_LEVEL": "loud"}), tmp_path / "w.log")
+    with proc:
+        assert proc.proc is not None
+        proc.proc.wait(60)
+    assert proc.proc.returncode == 1
+    assert proc.log_text().strip().splitlines() == [
+        "Error: configuration: BILLING_LOG_LEVEL must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL; got 'loud'"
+    ]

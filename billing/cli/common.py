@@ -20,7 +20,7 @@ from typing import Any, ParamSpec, TypeVar
 
 import click
 
-from billing.config import ConfigError, Settings
+from billing.config import ConfigError, Settings, describe_config_error
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -199,7 +199,7 @@ def explain(exc: BaseException, database_url: str | None = None) -> str | None:
     if isinstance(exc, ServiceError | MoneyError):
         return str(exc)
     if isinstance(exc, ConfigError):
-        return f"configuration: {exc}"
+        return describe_config_error(exc)
     if isinstance(exc, TpagaError):
         return _gateway_message(exc)
     if isinstance(exc, ArgumentError):
