@@ -129,27 +129,28 @@ def test_tasks_client_imports_and_sends_where_the_env_file_is_malformed(
     assert "tok_import_test" not in proc.log_text()
 
 
+def _output_of_a_refused_start(proc: CeleryProcess) -> list[str]:
+    """Run `proc` to its end; it must exit 1. Its output, line by line."""
+    with proc:
+        assert proc.proc is not None
+        proc.proc.wait(60)
+    assert proc.proc.returncode == 1, proc.log_text()[-3000:]
+    return proc.log_text().strip().splitlines()
+
+
 @pytest.mark.parametrize("command", ["worker", "beat", "flower"])
 def test_a_celery_command_started_with_a_malformed_setting_stops_naming_the_variable(
     malformed_dir: Path, command: str
 ) -> None:
     proc = CeleryProcess([command], process_env({}), malformed_dir.parent / f"{command}.log", cwd=malformed_dir)
-    with proc:
-        assert proc.proc is not None
-        proc.proc.wait(60)
-    assert proc.proc.returncode == 1
     # The one line the `billing` command gives for it, not a traceback through Celery's option parsing
-    assert proc.log_text().strip().splitlines() == [
+    assert _output_of_a_refused_start(proc) == [
         "Error: configuration: BILLING_SENDING_LEASE_SECONDS must be an integer, got 'abc'"
     ]
 
 
 def test_a_worker_given_a_malformed_worker_setting_in_its_environment_stops_with_one_line(tmp_path: Path) -> None:
     proc = CeleryProcess(["worker", "--pool", "solo"], process_env({"BILLING_LOG_LEVEL": "loud"}), tmp_path / "w.log")
-    with proc:
-        assert proc.proc is not None
-        proc.proc.wait(60)
-    assert proc.proc.returncode == 1
-    assert proc.log_text().strip().splitlines() == [
+    assert _output_of_a_refused_start(proc) == [
         "Error: configuration: BILLING_LOG_LEVEL must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL; got 'loud'"
     ]
