@@ -98,6 +98,7 @@ class SandboxConfig:
     @property
     def rates(self) -> Rates:
         return Rates(*(Decimal(getattr(self, name)) for name in _RATE_FIELDS))
+
     # False: lenient like Tpaga (Grails data binding, auth by user name, legacy card creation). True: only the
     # documented shapes, so a client that passes strict mode depends on none of that (docs/sandbox.md).
     strict: bool = False
