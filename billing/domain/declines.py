@@ -58,9 +58,9 @@ def classify(code: object) -> DeclineClass:
 
 def soft_reason(code: object) -> SoftReason:
     """Why a soft decline happened, from its errorCode: codes not listed are `other`."""
-    normalized = normalize_code(code)
-    if normalized in INSUFFICIENT_FUNDS_CODES:
-        return SoftReason.FUNDS
-    if normalized in ISSUER_UNAVAILABLE_CODES:
-        return SoftReason.ISSUER
-    return SoftReason.OTHER
+    return _REASON_OF.get(normalize_code(code), SoftReason.OTHER)
+
+
+_REASON_OF = dict.fromkeys(INSUFFICIENT_FUNDS_CODES, SoftReason.FUNDS) | dict.fromkeys(
+    ISSUER_UNAVAILABLE_CODES, SoftReason.ISSUER
+)
