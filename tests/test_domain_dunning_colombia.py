@@ -76,19 +76,32 @@ def test_every_51_retry_of_a_year_is_a_payday_window_business_day_at_least_a_day
         assert decision.retry_at is not None, now
         local = decision.retry_at.astimezone(BOGOTA)
         assert local.weekday() < 5 and local.date() not in co, (now, local)  # never a Sunday or a holiday
-        assert local.hour == 9 and decision.retry_at >= now + timedelta(days=1)
-        # a payday, or the first business day after one
+        assert decision.retry_at >= now + timedelta(days=1)
+        assert local.hour == 9 or decision.retry_at == now + timedelta(days=1)  # the hour, or the gap's end
+        # a payday, or the first business day after one that came on or after the decline's day
         back = local.date() - timedelta(days=1)
         while back.weekday() >= 5 or back in co:
             back -= timedelta(days=1)
-        assert local.date() in all_paydays or back in all_paydays, (now, local)
+        assert local.date() in all_paydays or (back in all_paydays and back >= now.date()), (now, local)
         # and the wait is never more than about half a month: no payday passed unused
         assert decision.retry_at - now <= timedelta(days=17), (now, local)
 
 
-def test_a_51_the_evening_before_a_payday_is_retried_the_business_day_after_it_never_within_a_day() -> None:
+def test_a_51_the_evening_before_a_payday_is_retried_on_the_payday_but_never_within_a_day() -> None:
     thursday = datetime(2027, 1, 14, 20, 0, tzinfo=BOGOTA)  # Friday 15th 09:00 is only 13 hours away
-    assert decide("51", now=thursday).retry_at == datetime(2027, 1, 18, 9, 0, tzinfo=BOGOTA)  # Monday
+    assert decide("51", now=thursday).retry_at == datetime(2027, 1, 15, 20, 0, tzinfo=BOGOTA)
+
+
+def test_a_payday_retry_that_ran_late_is_retried_the_next_business_day_not_after_the_window() -> None:
+    # Monday 15 February's retry ran at 09:05 and declined: Tuesday the 16th at 09:05 (a day later, still the
+    # business day after the payday), not the next payday on the 26th
+    first = datetime(2027, 2, 4, 10, 0, tzinfo=BOGOTA)
+    late = datetime(2027, 2, 15, 9, 5, tzinfo=BOGOTA)
+    decision = decide("51", now=late, first=first, soft_failures=2, previous="51")
+    assert decision.retry_at == datetime(2027, 2, 16, 9, 5, tzinfo=BOGOTA)
+    # from a Friday payday the weekend is skipped: Monday at the hour
+    friday = decide("51", now=datetime(2027, 1, 15, 9, 5, tzinfo=BOGOTA), first=MONDAY, soft_failures=2)
+    assert friday.retry_at == datetime(2027, 1, 18, 9, 0, tzinfo=BOGOTA)
 
 
 def test_a_91_is_retried_within_hours_then_daily() -> None:

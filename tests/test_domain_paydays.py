@@ -82,66 +82,77 @@ def test_every_payday_of_a_year_is_the_last_business_day_on_or_before_the_15th_a
         assert [d for d in later if d.weekday() < 5 and d not in co] == []
 
 
-def test_a_funds_retry_lands_on_a_payday_or_the_business_day_after_at_the_hour_and_never_early() -> None:
-    for day in YEAR_2027:
-        _check_funds_retry(day)
+DAY = timedelta(days=1)
+ALL_PAYDAYS = {p for y, m in [(2026, 12), *((2027, m) for m in range(1, 13)), (2028, 1)] for p in paydays(y, m)}
 
 
-def _check_funds_retry(day: date) -> None:
-    not_before = datetime(day.year, day.month, day.day, 16, 30, tzinfo=BOGOTA)
-    at = next_payday_retry(not_before, hour=9)
-    local = at.astimezone(BOGOTA)
-    assert at >= not_before
-    assert (local.hour, local.minute) == (9, 0)
-    assert is_business_day(local.date())
-    month_paydays = {p for m in (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12) for p in paydays(2027, m)}
-    month_paydays |= set(paydays(2028, 1))
-    previous = local.date() - timedelta(days=1)
+def _is_retry_day(d: date, declined_on: date) -> bool:
+    """A payday, or the business day after a payday that came on or after the decline's day."""
+    previous = d - DAY
     while not is_business_day(previous):
-        previous -= timedelta(days=1)
-    assert local.date() in month_paydays or previous in month_paydays
-    # the first such time: no payday morning was skipped between the bound and the retry
-    skipped = [p for p in month_paydays if not_before < datetime(p.year, p.month, p.day, 9, tzinfo=BOGOTA) < at]
-    assert skipped == []
+        previous -= DAY
+    return is_business_day(d) and (d in ALL_PAYDAYS or (previous in ALL_PAYDAYS and previous >= declined_on))
+
+
+def test_a_funds_retry_lands_on_the_first_payday_or_business_day_after_it_and_never_early() -> None:
+    for day in YEAR_2027:
+        for hour in (7, 16):
+            declined_at = datetime(day.year, day.month, day.day, hour, 30, tzinfo=BOGOTA)
+            at = next_payday_retry(declined_at, gap=DAY, hour=9)
+            local = at.astimezone(BOGOTA)
+            # at nine on its day, or a day after the decline when that is later the same day; never earlier
+            assert at == max(datetime(local.year, local.month, local.day, 9, tzinfo=BOGOTA), declined_at + DAY)
+            assert _is_retry_day(local.date(), day), (declined_at, local)
+            # the first such day: none was skipped between the gap's end and the retry
+            start = (declined_at + DAY).date()
+            between = [start + timedelta(days=n) for n in range((local.date() - start).days)]
+            assert [d for d in between if _is_retry_day(d, day)] == [], (declined_at, local)
 
 
 @pytest.mark.parametrize(
-    ("not_before", "expected"),
+    ("declined_at", "expected"),
     [
-        # The issue's case: a 51 on Monday 2027-01-04 (plus the day's gap) waits for Friday the 15th.
-        (datetime(2027, 1, 5, 15, 0, tzinfo=UTC), datetime(2027, 1, 15, 9, 0, tzinfo=BOGOTA)),
-        # After the 15th's morning: the business day after it (Monday the 18th), not the weekend.
-        (datetime(2027, 1, 15, 16, 0, tzinfo=UTC), datetime(2027, 1, 18, 9, 0, tzinfo=BOGOTA)),
-        # Late January: the 31st is a Sunday, so the payday is Friday the 29th.
+        # The issue's case: a 51 on Monday 2027-01-04 waits for Friday the 15th.
+        (datetime(2027, 1, 4, 15, 0, tzinfo=UTC), datetime(2027, 1, 15, 9, 0, tzinfo=BOGOTA)),
+        # The day before a payday, after the hour: the payday, a full day after the decline.
+        (datetime(2027, 1, 14, 16, 0, tzinfo=UTC), datetime(2027, 1, 15, 11, 0, tzinfo=BOGOTA)),
+        # The Friday payday's retry declined at 09:05: Monday the 18th, the business day after it, not the weekend.
+        (datetime(2027, 1, 15, 14, 5, tzinfo=UTC), datetime(2027, 1, 18, 9, 0, tzinfo=BOGOTA)),
+        # Monday 15 February's retry declined at 09:05: Tuesday at 09:05, a day later, keeping its day.
+        (datetime(2027, 2, 15, 14, 5, tzinfo=UTC), datetime(2027, 2, 16, 9, 5, tzinfo=BOGOTA)),
+        # Declined on Saturday the 16th, after the payday's money was gone: the next payday, Friday the 29th
+        # (the 31st is a Sunday), not Monday the 18th.
+        (datetime(2027, 1, 16, 15, 0, tzinfo=UTC), datetime(2027, 1, 29, 9, 0, tzinfo=BOGOTA)),
         (datetime(2027, 1, 20, 12, 0, tzinfo=UTC), datetime(2027, 1, 29, 9, 0, tzinfo=BOGOTA)),
-        # After the 29th's window: February's 15th is Monday, and its 1st was Monday (not a payday-follow).
-        (datetime(2027, 2, 2, 12, 0, tzinfo=UTC), datetime(2027, 2, 15, 9, 0, tzinfo=BOGOTA)),
-        # Year's end: 2027-12-31 is a Friday; the business day after it is Monday 2028-01-03.
+        # Year's end: declined on payday Friday 2027-12-31, retried Monday 2028-01-03.
         (datetime(2027, 12, 31, 15, 0, tzinfo=UTC), datetime(2028, 1, 3, 9, 0, tzinfo=BOGOTA)),
-        # Exactly at a payday's hour: that payday.
-        (datetime(2027, 3, 15, 9, 0, tzinfo=BOGOTA), datetime(2027, 3, 15, 9, 0, tzinfo=BOGOTA)),
+        # Declined on New Year's Day 2027 (a holiday): not Monday the 4th (after 2026-12-31's payday), the 15th.
+        (datetime(2027, 1, 1, 18, 0, tzinfo=BOGOTA), datetime(2027, 1, 15, 9, 0, tzinfo=BOGOTA)),
+        # Exactly a day before a payday's hour: that payday at its hour.
+        (datetime(2027, 3, 14, 9, 0, tzinfo=BOGOTA), datetime(2027, 3, 15, 9, 0, tzinfo=BOGOTA)),
     ],
 )
-def test_known_funds_retries(not_before: datetime, expected: datetime) -> None:
-    assert next_payday_retry(not_before, hour=9) == expected
+def test_known_funds_retries(declined_at: datetime, expected: datetime) -> None:
+    assert next_payday_retry(declined_at, gap=DAY, hour=9) == expected
 
 
-def test_the_hour_is_local_to_bogota_whatever_zone_the_bound_is_given_in() -> None:
+def test_the_hour_is_local_to_bogota_whatever_zone_the_decline_is_given_in() -> None:
     tokyo = timezone(timedelta(hours=9))
-    at = next_payday_retry(datetime(2027, 1, 5, 8, 0, tzinfo=tokyo), hour=14)
+    at = next_payday_retry(datetime(2027, 1, 4, 8, 0, tzinfo=tokyo), gap=DAY, hour=14)  # Sunday 3rd in Bogota
     assert at == datetime(2027, 1, 15, 14, 0, tzinfo=BOGOTA) == datetime(2027, 1, 15, 19, 0, tzinfo=UTC)
 
 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"not_before": datetime(2027, 1, 5), "hour": 9}, "timezone-aware"),
-        ({"not_before": datetime(2027, 1, 5, tzinfo=UTC), "hour": 24}, "whole hour 0-23"),
-        ({"not_before": datetime(2027, 1, 5, tzinfo=UTC), "hour": -1}, "whole hour 0-23"),
-        ({"not_before": datetime(2027, 1, 5, tzinfo=UTC), "hour": 9.5}, "whole hour 0-23"),
-        ({"not_before": datetime(2027, 1, 5, tzinfo=UTC), "hour": True}, "whole hour 0-23"),
+        ({"declined_at": datetime(2027, 1, 5), "hour": 9}, "timezone-aware"),
+        ({"declined_at": datetime(2027, 1, 5, tzinfo=UTC), "hour": 24}, "whole hour 0-23"),
+        ({"declined_at": datetime(2027, 1, 5, tzinfo=UTC), "hour": -1}, "whole hour 0-23"),
+        ({"declined_at": datetime(2027, 1, 5, tzinfo=UTC), "hour": 9.5}, "whole hour 0-23"),
+        ({"declined_at": datetime(2027, 1, 5, tzinfo=UTC), "hour": True}, "whole hour 0-23"),
+        ({"declined_at": datetime(2027, 1, 5, tzinfo=UTC), "hour": 9, "gap": timedelta(hours=-1)}, "gap must be"),
     ],
 )
 def test_bad_input_is_a_clear_error(kwargs: dict[str, object], message: str) -> None:
     with pytest.raises(ValueError, match=message):
-        next_payday_retry(**kwargs)  # type: ignore[arg-type]
+        next_payday_retry(**{"gap": DAY, **kwargs})  # type: ignore[arg-type]

@@ -241,7 +241,7 @@ def _colombia_retry_at(
         return None
     reason = soft_reason(code)
     if reason is SoftReason.FUNDS:
-        retry_at = next_payday_retry(now + policy.funds_gap, hour=policy.payday_hour, timezone=policy.timezone)
+        retry_at = next_payday_retry(now, gap=policy.funds_gap, hour=policy.payday_hour, timezone=policy.timezone)
     elif reason is SoftReason.ISSUER:
         again = previous_code is not None and soft_reason(previous_code) is SoftReason.ISSUER
         retry_at = now + (policy.issuer_next_retry if again else policy.issuer_first_retry)

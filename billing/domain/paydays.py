@@ -48,28 +48,39 @@ def paydays(year: int, month: int) -> tuple[date, date]:
     return previous_business_day(date(year, month, 15)), previous_business_day(date(year, month, last))
 
 
-def _retry_days_from(day: date) -> list[date]:
-    """The paydays of `day`'s month and the next, each followed by the business day after it, in order."""
+def _retry_days_from(day: date) -> list[tuple[date, date]]:
+    """(retry day, its payday) for the paydays of `day`'s month, the one before (whose last payday's next
+    business day may fall in this month) and the next: each payday, and the business day after it."""
+    this = day.replace(day=1)
+    previous = (this - timedelta(days=1)).replace(day=1)
     following = date(day.year + day.month // 12, day.month % 12 + 1, 1)
-    found: list[date] = []
-    for month_start in (day.replace(day=1), following):
+    found: set[tuple[date, date]] = set()
+    for month_start in (previous, this, following):
         for payday in paydays(month_start.year, month_start.month):
-            found += [payday, next_business_day(payday)]
-    return sorted(set(found))
+            found |= {(payday, payday), (next_business_day(payday), payday)}
+    return sorted(found)
 
 
-def next_payday_retry(not_before: datetime, *, hour: int, timezone: str = BOGOTA) -> datetime:
-    """The first payday, or the business day right after one, at `hour` local time, that is not before
-    `not_before` (aware). The day after counts too: salaries land during the payday, and a retry that the
-    one-day gap pushed past the payday's morning still comes while the money is there."""
-    require_aware("not_before", not_before)
+def next_payday_retry(declined_at: datetime, *, gap: timedelta, hour: int, timezone: str = BOGOTA) -> datetime:
+    """When to retry a charge declined for lack of funds at `declined_at` (aware): the first payday, or the
+    business day right after a payday that came on or after the decline's day, that is on or after the local
+    date of `declined_at + gap`; at `hour` local time, or at `declined_at + gap` itself when that is later the
+    same day (a retry is never early, and one that ran a few minutes late must not lose its day).
+
+    The day after counts because salaries land during the payday: a retry that the gap pushed past the payday
+    still comes while the money is there. It does not count for a payday before the decline, whose money was
+    already missing when the charge declined."""
+    require_aware("declined_at", declined_at)
     if isinstance(hour, bool) or not isinstance(hour, int) or not 0 <= hour <= 23:
         raise ValueError(f"hour must be a whole hour 0-23, got {hour!r}")
+    if not isinstance(gap, timedelta) or gap < timedelta(0):
+        raise ValueError(f"gap must be a non-negative timedelta, got {gap!r}")
     zone = ZoneInfo(timezone)
-    day = not_before.astimezone(zone).date()
+    not_before = declined_at + gap
+    declined_on = declined_at.astimezone(zone).date()
+    first_day = day = not_before.astimezone(zone).date()
     while True:
-        for candidate in _retry_days_from(day):
-            at = datetime.combine(candidate, time(hour), zone)
-            if at >= not_before:
-                return at
+        for candidate, payday in _retry_days_from(day):
+            if candidate >= first_day and (candidate == payday or payday >= declined_on):
+                return max(datetime.combine(candidate, time(hour), zone), not_before)
         day = date(day.year + day.month // 12, day.month % 12 + 1, 1)
