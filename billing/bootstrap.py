@@ -11,7 +11,7 @@ from billing.clock import Clock, SystemClock
 from billing.config import Settings
 from billing.db.control import DatabaseClock
 from billing.db.engine import make_engine, make_session_factory
-from billing.domain.dunning import DunningPolicy
+from billing.domain.dunning import AnyDunningPolicy, ColombiaPolicy, DunningPolicy
 from billing.services.context import Context, Gateway, Publisher
 
 
@@ -24,6 +24,17 @@ def build_gateway(settings: Settings) -> Gateway:
     from billing.gateway import TpagaClient
 
     return TpagaClient.from_settings(settings)
+
+
+def build_policy(settings: Settings) -> AnyDunningPolicy:
+    """The dunning policy BILLING_DUNNING_POLICY names, with its settings."""
+    if settings.dunning_policy == "fixed":
+        return DunningPolicy(retry_days=settings.dunning_retry_days, final_action=settings.dunning_final_action)
+    return ColombiaPolicy(
+        window_days=settings.dunning_window_days,
+        payday_hour=settings.dunning_payday_hour,
+        final_action=settings.dunning_final_action,
+    )
 
 
 def build_context(
@@ -40,7 +51,7 @@ def build_context(
         sessions=sessions,
         gateway=gateway if gateway is not None else build_gateway(settings),
         clock=clock or build_clock(settings, sessions),
-        policy=DunningPolicy(retry_days=settings.dunning_retry_days, final_action=settings.dunning_final_action),
+        policy=build_policy(settings),
         timezone=settings.timezone,
         refund_window=settings.refund_window,
         sending_lease=timedelta(seconds=settings.sending_lease_seconds),

@@ -9,10 +9,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
-from billing.domain.dunning import check_retry_days
+from billing.domain.dunning import MAX_WINDOW_DAYS, check_retry_days
 
 DEFAULT_TPAGA_API_URL = "https://sandbox.tpaga.co/api/"
 DEFAULT_DATABASE_URL = "sqlite:///billing.db"
+DUNNING_POLICIES = ("colombia", "fixed")
 DEFAULT_BROKER_URL = "sqla+sqlite:///celery-broker.db"
 DEFAULT_RATE_LIMIT_MAX_WAIT_SECONDS = 10.0
 LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
@@ -57,7 +58,7 @@ def validate_api_url(url: str) -> str:
     return url if url.endswith("/") else url + "/"
 
 
-def _int(env: dict[str, str], name: str, default: int, minimum: int = 0) -> int:
+def _int(env: dict[str, str], name: str, default: int, minimum: int = 0, maximum: int | None = None) -> int:
     raw = env.get(name)
     if raw is None or raw == "":
         return default
@@ -67,6 +68,8 @@ def _int(env: dict[str, str], name: str, default: int, minimum: int = 0) -> int:
         raise ConfigError(f"{name} must be an integer, got {raw!r}") from None
     if value < minimum:
         raise ConfigError(f"{name} must be >= {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise ConfigError(f"{name} must be <= {maximum}, got {value}")
     return value
 
 
@@ -110,6 +113,10 @@ class Settings:
     timezone: str = "America/Bogota"
     dunning_retry_days: tuple[int, ...] = (1, 3, 5, 7)
     dunning_final_action: str = "unpaid"
+    # "colombia": retries timed by decline reason on Colombia's pay calendar; "fixed": dunning_retry_days.
+    dunning_policy: str = "colombia"
+    dunning_window_days: int = 21
+    dunning_payday_hour: int = 9
     clock: str = "system"
     connect_timeout_seconds: float = 3.05
     read_timeout_seconds: float = 20.0
@@ -134,6 +141,9 @@ class Settings:
         final_action = env.get("BILLING_DUNNING_FINAL_ACTION", "unpaid") or "unpaid"
         if final_action not in ("unpaid", "canceled"):
             raise ConfigError(f"BILLING_DUNNING_FINAL_ACTION must be 'unpaid' or 'canceled', got {final_action!r}")
+        dunning_policy = env.get("BILLING_DUNNING_POLICY", "colombia") or "colombia"
+        if dunning_policy not in DUNNING_POLICIES:
+            raise ConfigError(f"BILLING_DUNNING_POLICY must be 'colombia' or 'fixed', got {dunning_policy!r}")
         clock = env.get("BILLING_CLOCK", "system") or "system"
         if clock not in ("system", "database"):
             raise ConfigError(f"BILLING_CLOCK must be 'system' or 'database', got {clock!r}")
@@ -154,6 +164,9 @@ class Settings:
             timezone=tz,
             dunning_retry_days=_days(env, "BILLING_DUNNING_RETRY_DAYS", (1, 3, 5, 7)),
             dunning_final_action=final_action,
+            dunning_policy=dunning_policy,
+            dunning_window_days=_int(env, "BILLING_DUNNING_WINDOW_DAYS", 21, 1, MAX_WINDOW_DAYS),
+            dunning_payday_hour=_int(env, "BILLING_DUNNING_PAYDAY_HOUR", 9, 0, 23),
             clock=clock,
             connect_timeout_seconds=_float(env, "TPAGA_CONNECT_TIMEOUT", 3.05, 0.01),
             read_timeout_seconds=_float(env, "TPAGA_READ_TIMEOUT", 20.0, 0.01),

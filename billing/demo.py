@@ -330,8 +330,11 @@ def run_demo(months: int = 3, echo: Callable[[str], None] = click.echo) -> bool:
                 + (f"refund {refund['refund_id']} {refund['state']}" if refund else "no paid invoice to refund")
             )
             settle("the refund")
-            for day in (1, 2, 2, 2):  # dunning retries at 1, 3, 5 and 7 days
-                advance(timedelta(days=day, minutes=5), "dunning retries")
+            # Dunning: the clock goes to each retry time the policy set (BILLING_DUNNING_POLICY: with the default,
+            # a 51 waits for the next payday), for the window's length at most.
+            dunning_ends = clock.now() + timedelta(days=settings.dunning_window_days + 1)
+            while (retry_at := _next_retry(ctx, clock.now())) is not None and retry_at < dunning_ends:
+                advance(retry_at - clock.now() + timedelta(minutes=5), f"dunning retries due {retry_at:%Y-%m-%d %H:%M}")
                 settle("dunning retries")
             echo("[demo] the customer with the stolen card adds a new card")
             token = client.tokenize_card(number=APPROVING, exp_month=11, exp_year=2031, holder_name="Demo User")
@@ -384,6 +387,14 @@ def run_demo(months: int = 3, echo: Callable[[str], None] = click.echo) -> bool:
     if ok and events_ok:  # after the processes, the receiver's endpoint and the emulator are gone
         shutil.rmtree(state, ignore_errors=True)
     return ok and events_ok
+
+
+def _next_retry(ctx: Any, now: Any) -> Any:
+    """The earliest time an open invoice is due again after `now` (a dunning retry), or None."""
+    with ctx.sessions() as session:
+        return session.execute(
+            select(func.min(Invoice.due_at)).where(Invoice.state == "open", Invoice.due_at > now)
+        ).scalar_one_or_none()
 
 
 def _plan(ctx: Any, catalog: Any) -> int:

@@ -376,6 +376,7 @@ def test_clock_advance_with_an_unreachable_sandbox_moves_neither_clock(clocked: 
 
 def test_months_of_dunning_on_the_shared_clock(clocked: Cli, sandbox: Any) -> None:
     """The recovery card declines 51 twice, then approves on the dunning schedule (retry days 1, 3, ...)."""
+    clocked.env["BILLING_DUNNING_POLICY"] = "fixed"  # days from the first failure, whatever today's date
     sub = subscribe(clocked, sandbox, RECOVERS)
     assert clocked.json("tick")["charges"] == {"declined": 1}
     assert clocked.json("tick")["charges"] == {}  # not due again yet
@@ -394,6 +395,7 @@ def test_months_of_dunning_on_the_shared_clock(clocked: Cli, sandbox: Any) -> No
 
 def test_cancel_at_period_end_of_an_unpaid_subscription_takes_effect(clocked: Cli, sandbox: Any) -> None:
     """An unpaid subscription renews no more (no next billing time): 'at period end' can only mean now."""
+    clocked.env["BILLING_DUNNING_POLICY"] = "fixed"  # its steps follow the fixed schedule's days
     sub = subscribe(clocked, sandbox, DECLINES_51)
     clocked.ok("tick")
     for step in ("1d1h", "2d", "2d", "2d"):  # the dunning retries at 1, 3, 5 and 7 days

@@ -157,13 +157,14 @@ def subscriptions_show(
             click.echo(f"  {label:<13} {value}")
     click.echo("")
     echo_table(
-        ["invoice", "period", "amount", "state", "attempts", "refunds"],
+        ["invoice", "period", "amount", "state", "next attempt", "attempts", "refunds"],
         [
             (
                 r["id"],
                 r["period_index"],
                 f"{r['amount']} {r['currency']}",
                 r["state"],
+                r["next_attempt_at"],
                 _attempts_cell(r["attempts"]) or None,
                 ", ".join(f"{f['id']} {f['state']}" for f in r["refunds"]) or None,
             )

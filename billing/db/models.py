@@ -318,6 +318,8 @@ class ChargeAttempt(Base):
         partial_index("ix_charge_attempts_unknown", "id", where=sql_one_of("state", AttemptState.UNKNOWN)),
         Index("ix_charge_attempts_tpaga_charge", "tpaga_charge_id"),
         Index("ix_charge_attempts_finished", "finished_at"),
+        # Dunning counts a card's declines of the last 30 days at each decision (the card networks' cap).
+        Index("ix_charge_attempts_card_finished", "card_id", "finished_at"),
     )
     id: Mapped[BigId]
     invoice_id: Mapped[int] = _fk("invoices.id")

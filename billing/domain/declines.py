@@ -21,6 +21,15 @@ HARD_CODES = frozenset({"04", "14", "41", "43", "54", "57", "62"})
 SOFT_CODES = frozenset({"05", "06", "51", "61", "65", "91", "96", "T8", "N0"})
 MERCHANT_CODES = frozenset({"03", "2305", "5000", "5003"})
 UNKNOWN_CODES = frozenset({"9999", ""})
+# Soft declines by why they happened, which decides when a retry can succeed (the colombia dunning policy).
+INSUFFICIENT_FUNDS_CODES = frozenset({"51"})  # the money arrives with the salary: retry on a payday
+ISSUER_UNAVAILABLE_CODES = frozenset({"06", "91", "96", "T8", "N0"})  # a system is down: retry within hours
+
+
+class SoftReason(StrEnum):
+    FUNDS = "funds"
+    ISSUER = "issuer"
+    OTHER = "other"
 
 
 def normalize_code(code: object) -> str:
@@ -45,3 +54,13 @@ def classify(code: object) -> DeclineClass:
     if normalized in MERCHANT_CODES:
         return DeclineClass.MERCHANT
     return DeclineClass.SOFT
+
+
+def soft_reason(code: object) -> SoftReason:
+    """Why a soft decline happened, from its errorCode: codes not listed are `other`."""
+    return _REASON_OF.get(normalize_code(code), SoftReason.OTHER)
+
+
+_REASON_OF = dict.fromkeys(INSUFFICIENT_FUNDS_CODES, SoftReason.FUNDS) | dict.fromkeys(
+    ISSUER_UNAVAILABLE_CODES, SoftReason.ISSUER
+)

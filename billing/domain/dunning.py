@@ -7,8 +7,9 @@ from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from itertools import pairwise
 
-from billing.domain.clock_rules import require_aware
-from billing.domain.declines import DeclineClass
+from billing.domain.clock_rules import BOGOTA, require_aware
+from billing.domain.declines import DeclineClass, SoftReason, soft_reason
+from billing.domain.paydays import next_payday_retry
 from billing.domain.states import SubscriptionStatus
 
 FINAL_ACTIONS: dict[str, SubscriptionStatus] = {
@@ -68,6 +69,58 @@ class DunningPolicy:
         return len(self.retry_days) + 1
 
 
+MAX_WINDOW_DAYS = 60
+
+
+def _whole(name: str, value: object, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ValueError(f"{name} must be a whole number from {low} to {high}, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class ColombiaPolicy:
+    """Retries timed by why the charge was declined, on Colombia's calendar.
+
+    Insufficient funds: the next payday (15th and last day of the month, moved back to the previous business
+    day) or the business day after it, at `payday_hour` in America/Bogota, never sooner than `funds_gap` after
+    the decline. Issuer or switch unavailable: `issuer_first_retry` after the first such decline, then
+    `issuer_next_retry` after each following one. Other soft declines: `spaced_days` after the invoice's first
+    failure. Every retry lies within `window_days` of the first failure; an invoice gets at most
+    `max_retries` retries and a card at most `max_card_declines` declines in `card_period` (the card networks'
+    excessive-retry rules); past any of these the invoice is uncollectible.
+    """
+
+    window_days: int = 21
+    payday_hour: int = 9
+    final_action: str = "unpaid"
+    max_retries: int = 8
+    max_card_declines: int = 15
+    card_period: timedelta = timedelta(days=30)
+    funds_gap: timedelta = timedelta(days=1)
+    issuer_first_retry: timedelta = timedelta(hours=2)
+    issuer_next_retry: timedelta = timedelta(days=1)
+    spaced_days: tuple[int, ...] = (1, 3, 5, 8, 12, 16, 21)
+    min_retry_gap: timedelta = timedelta(hours=12)
+    timezone: str = BOGOTA
+
+    def __post_init__(self) -> None:
+        _whole("window_days", self.window_days, 1, MAX_WINDOW_DAYS)
+        _whole("payday_hour", self.payday_hour, 0, 23)
+        _whole("max_retries", self.max_retries, 0, 100)
+        _whole("max_card_declines", self.max_card_declines, 1, 1000)
+        check_retry_days(self.spaced_days)
+        if self.final_action not in FINAL_ACTIONS:
+            raise ValueError(f"final_action must be 'unpaid' or 'canceled', got {self.final_action!r}")
+
+    @property
+    def final_status(self) -> SubscriptionStatus:
+        return FINAL_ACTIONS[self.final_action]
+
+
+AnyDunningPolicy = DunningPolicy | ColombiaPolicy
+
+
 @dataclass(frozen=True)
 class DunningDecision:
     """What the caller must apply after an attempt failed.
@@ -118,12 +171,15 @@ _HARD = DunningDecision(
 
 
 def decide_after_decline(
-    policy: DunningPolicy,
+    policy: AnyDunningPolicy,
     decline_class: DeclineClass,
     *,
     first_failure_at: datetime,
     soft_failures: int,
     now: datetime,
+    code: str = "",
+    previous_code: str | None = None,
+    card_declines: int = 0,
 ) -> DunningDecision:
     """The decision after a declined (or unknown) charge of one invoice.
 
@@ -134,6 +190,10 @@ def decide_after_decline(
     subscription takes the policy's final status. Hard: wait for a new card. Merchant: pause,
     spending none of the customer's attempts. Unknown: review. Approved is not a decline and
     raises ValueError.
+
+    The colombia policy also reads `code` (the errorCode just recorded), `previous_code` (the invoice's
+    decline before it, None for the first) and `card_declines` (the card's declines within the policy's
+    card period, this one included); the fixed policy ignores them.
     """
     try:
         klass = DeclineClass(decline_class)
@@ -155,19 +215,59 @@ def decide_after_decline(
 
     if soft_failures < 1:
         raise ValueError("soft_failures must include the soft decline just recorded (>= 1), got 0")
+    if isinstance(policy, ColombiaPolicy):
+        if isinstance(card_declines, bool) or not isinstance(card_declines, int) or card_declines < 0:
+            raise ValueError(f"card_declines must be an int >= 0, got {card_declines!r}")
+        retry_at = _colombia_retry_at(policy, code, previous_code, first_failure_at, soft_failures, now)
+        if retry_at is None or card_declines >= policy.max_card_declines:
+            return _give_up(policy)
+        return _retry(retry_at)
     if soft_failures > len(policy.retry_days):
-        return DunningDecision(
-            action=Action.UNCOLLECTIBLE,
-            retry_at=None,
-            subscription_status=policy.final_status,
-            card_unusable=False,
-            counts_as_attempt=True,
-        )
+        return _give_up(policy)
     retry_at = first_failure_at + timedelta(days=policy.retry_days[soft_failures - 1])
+    return _retry(max(retry_at, now + policy.min_retry_gap))
+
+
+def _colombia_retry_at(
+    policy: ColombiaPolicy,
+    code: str,
+    previous_code: str | None,
+    first_failure_at: datetime,
+    soft_failures: int,
+    now: datetime,
+) -> datetime | None:
+    """When the colombia policy retries this soft decline; None when no retry fits its limits."""
+    if soft_failures > policy.max_retries:  # soft_failures - 1 retries were made already
+        return None
+    reason = soft_reason(code)
+    if reason is SoftReason.FUNDS:
+        retry_at = next_payday_retry(now, gap=policy.funds_gap, hour=policy.payday_hour, timezone=policy.timezone)
+    elif reason is SoftReason.ISSUER:
+        again = previous_code is not None and soft_reason(previous_code) is SoftReason.ISSUER
+        retry_at = now + (policy.issuer_next_retry if again else policy.issuer_first_retry)
+    else:
+        days = [d for d in policy.spaced_days if first_failure_at + timedelta(days=d) > now]
+        if not days:
+            return None
+        retry_at = max(first_failure_at + timedelta(days=days[0]), now + policy.min_retry_gap)
+    return retry_at if retry_at <= first_failure_at + timedelta(days=policy.window_days) else None
+
+
+def _retry(retry_at: datetime) -> DunningDecision:
     return DunningDecision(
         action=Action.RETRY,
-        retry_at=max(retry_at, now + policy.min_retry_gap).astimezone(UTC),
+        retry_at=retry_at.astimezone(UTC),
         subscription_status=SubscriptionStatus.PAST_DUE,
+        card_unusable=False,
+        counts_as_attempt=True,
+    )
+
+
+def _give_up(policy: AnyDunningPolicy) -> DunningDecision:
+    return DunningDecision(
+        action=Action.UNCOLLECTIBLE,
+        retry_at=None,
+        subscription_status=policy.final_status,
         card_unusable=False,
         counts_as_attempt=True,
     )

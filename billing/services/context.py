@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from billing.clock import Clock
 from billing.db.models import OutboxMessage
 from billing.domain.clock_rules import BOGOTA
-from billing.domain.dunning import DunningPolicy
+from billing.domain.dunning import AnyDunningPolicy, DunningPolicy
 from billing.gateway.models import Charge, CreditCard, Customer
 
 log = logging.getLogger("billing.services")
@@ -82,7 +82,7 @@ class Context:
     sessions: sessionmaker[Session]
     gateway: Gateway
     clock: Clock
-    policy: DunningPolicy = field(default_factory=DunningPolicy)
+    policy: AnyDunningPolicy = field(default_factory=DunningPolicy)
     timezone: str = BOGOTA
     refund_window: str = "24h"
     # Our approval time trails Tpaga's by the response latency; keep a margin inside its window.

@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session
 from billing.db import bulk
 from billing.db.models import ChargeAttempt, Event, Invoice, Plan, Refund, Subscription
 from billing.domain.money import Money
+from billing.domain.states import InvoiceState
 from billing.services.errors import InvalidRequest, NotFound
 
 
@@ -67,6 +68,9 @@ def invoice_dict(i: Invoice, attempts: list[ChargeAttempt], refunds: list[Refund
         "currency": i.currency,
         "state": str(i.state),
         "due_at": _iso(i.due_at),
+        # When the next charge of this invoice goes out (a dunning retry, or the first try); null once it is
+        # no longer collected, or while it waits for a new card or a review.
+        "next_attempt_at": _iso(i.due_at) if i.state == InvoiceState.OPEN else None,
         "paid_at": _iso(i.paid_at),
         "last_error_code": i.last_error_code,
         "review_reason": i.review_reason,

@@ -12,8 +12,8 @@ from sqlalchemy.orm import Session
 from billing.db import bulk, cas
 from billing.db.models import Card, ChargeAttempt, Invoice, Subscription
 from billing.domain.declines import DeclineClass
-from billing.domain.dunning import Action, decide_after_decline
-from billing.domain.states import CardStatus, InvoiceState, SubscriptionStatus
+from billing.domain.dunning import Action, ColombiaPolicy, decide_after_decline
+from billing.domain.states import AttemptState, CardStatus, InvoiceState, SubscriptionStatus
 from billing.services import events, stream
 from billing.services.context import Context
 from billing.services.pause import PauseReason, pause_billing
@@ -43,6 +43,7 @@ def apply_declines(
         )
     }
     card_of: dict[int, int] = {i: row.card_id for i, row in attempts.items()}
+    card_declines = _recent_card_declines(ctx, session, now, sorted(set(card_of.values())))
     # A card attached while the declined one's charge was in flight: the invoice is retried with it.
     current_card = dict(
         session.execute(
@@ -64,7 +65,16 @@ def apply_declines(
         invoice = invoices[invoice_id]
         soft = invoice.soft_failures + (1 if klass == DeclineClass.SOFT else 0)
         first_failure = invoice.first_failure_at or now
-        decision = decide_after_decline(ctx.policy, klass, first_failure_at=first_failure, soft_failures=soft, now=now)
+        decision = decide_after_decline(
+            ctx.policy,
+            klass,
+            first_failure_at=first_failure,
+            soft_failures=soft,
+            now=now,
+            code=code,
+            previous_code=invoice.last_error_code,
+            card_declines=card_declines.get(card_of[attempt_id], 0),
+        )
         values: dict[str, Any] = {"id": invoice_id, "last_error_code": code, "updated_at": now}
         if decision.counts_as_attempt:
             values.update(soft_failures=soft, first_failure_at=first_failure)
@@ -166,7 +176,29 @@ _LOCKED_COLUMNS = (
     "amount_minor",
     "currency",
     "period_end",
+    "last_error_code",
 )
+
+
+def _recent_card_declines(ctx: Context, session: Session, now: datetime, card_ids: list[int]) -> dict[int, int]:
+    """Per card, its declined charges within the policy's card period, the ones just recorded included: the
+    card networks count retries per card, across invoices and subscriptions. Only the colombia policy caps them;
+    the (card_id, finished_at) index keeps this to the card's own rows."""
+    policy = ctx.policy
+    if not isinstance(policy, ColombiaPolicy) or not card_ids:
+        return {}
+    return {
+        card_id: count
+        for card_id, count in session.execute(
+            select(ChargeAttempt.card_id, func.count())
+            .where(
+                bulk.id_in(ChargeAttempt.card_id, card_ids, bulk.dialect_of(session)),
+                ChargeAttempt.state == AttemptState.DECLINED,
+                ChargeAttempt.finished_at > now - policy.card_period,
+            )
+            .group_by(ChargeAttempt.card_id)
+        ).all()
+    }
 
 
 def _lock_usable_cards(session: Session, card_ids: list[int]) -> list[Any]:
