@@ -14,6 +14,7 @@ pause reasons, task names): an id, a token or a code nobody listed never becomes
 
 from __future__ import annotations
 
+import importlib
 import json
 from collections import defaultdict
 from collections.abc import Callable, Iterable
@@ -159,12 +160,20 @@ def paused_reason(conn: Connection, now: datetime) -> str | None:
 
 
 def refund_nearest_deadline(conn: Connection, now: datetime) -> float | None:
-    """Seconds left before the nearest deadline of a refund still to reach Tpaga (ix_refunds_due covers
-    requested and sending; unknown ones are few: each is one void in doubt)."""
-    nearest = conn.execute(
-        select(func.min(Refund.deadline_at)).where(_ref.c.state.in_([s.value for s in PENDING_REFUNDS]))
-    ).scalar_one()
-    return (nearest - now).total_seconds() if nearest is not None else None
+    """Seconds left before the nearest deadline of a refund still to reach Tpaga: the first entries of
+    ix_refunds_due (requested, sending) and ix_refunds_unknown_deadline."""
+    pending = [s for s in PENDING_REFUNDS if s is not RefundState.UNKNOWN]
+    nearest = [
+        at
+        for at in conn.execute(
+            select(
+                _oldest(Refund.deadline_at, _ref.c.state.in_([s.value for s in pending])),
+                _oldest(Refund.deadline_at, _ref.c.state == RefundState.UNKNOWN.value),
+            )
+        ).one()
+        if at is not None
+    ]
+    return (min(nearest) - now).total_seconds() if nearest else None
 
 
 def periodic_last_run(conn: Connection, now: datetime) -> dict[str, datetime]:
@@ -222,6 +231,18 @@ def fold(conn: Connection) -> int:
         )
     )
     return int(conn.execute(text("DELETE FROM metric_deltas")).rowcount)
+
+
+def rebuild_totals(conn: Connection) -> None:
+    """metric_totals again from the rows, in the caller's transaction (after a TRUNCATE of a counted table, which
+    fires no row trigger): the backfill of migration 0006, one scan of each counted table. On PostgreSQL the
+    counted tables are locked against writers meanwhile."""
+    migration: Any = importlib.import_module("billing.db.migrations.versions.0006_metric_counts")
+    if conn.dialect.name == "postgresql":
+        conn.execute(text("LOCK TABLE " + ", ".join(migration.COUNTED) + " IN SHARE ROW EXCLUSIVE MODE"))
+    conn.execute(text("DELETE FROM metric_deltas"))
+    conn.execute(text("DELETE FROM metric_totals"))
+    migration.backfill(conn)
 
 
 def fold_deltas(ctx: Context) -> int:

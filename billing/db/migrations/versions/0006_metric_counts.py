@@ -1,4 +1,5 @@
-"""Maintained counts for the metrics exporter: metric_deltas (append-only, written by triggers) and metric_totals.
+"""Maintained counts for the metrics exporter: metric_deltas (append-only, written by triggers) and metric_totals;
+an index for the nearest deadline of an unknown refund.
 
 Revision ID: 0006
 Revises: 0007
@@ -16,7 +17,7 @@ of each table, once).
 
 A SQLite table rebuild (`op.batch_alter_table`) drops that table's triggers: a later migration that rebuilds one
 of these tables must create its triggers again (`create_triggers(bind, [table])`). TRUNCATE fires no row
-trigger: after truncating one of these tables, re-run the backfill (`billing.services.metrics.rebuild_totals`).
+trigger: after truncating one of these tables, rebuild the totals with `billing.services.metrics.rebuild_totals`.
 """
 
 from collections.abc import Sequence
@@ -173,6 +174,14 @@ def upgrade() -> None:
         sa.Column("total", sa.BigInteger(), nullable=False),
         sa.PrimaryKeyConstraint("metric", "k1", "k2", "k3", name=op.f("pk_metric_totals")),
     )
+    # The exporter's nearest refund deadline reads this and ix_refunds_due: no scan of refunds either.
+    op.create_index(
+        "ix_refunds_unknown_deadline",
+        "refunds",
+        ["deadline_at"],
+        postgresql_where=sa.text("state = 'unknown'"),
+        sqlite_where=sa.text("state = 'unknown'"),
+    )
     bind = op.get_bind()
     if bind.dialect.name == "postgresql":
         # The backfill and the triggers see the same rows: no writer may change a counted table in between.
@@ -186,5 +195,6 @@ _KEY = (("metric", 16), ("k1", 32), ("k2", 32), ("k3", 32))
 
 def downgrade() -> None:
     drop_triggers(op.get_bind())
+    op.drop_index("ix_refunds_unknown_deadline", table_name="refunds")
     op.drop_table("metric_totals")
     op.drop_table("metric_deltas")
