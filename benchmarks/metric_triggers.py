@@ -42,31 +42,12 @@ from sqlalchemy import create_engine, text  # noqa: E402
 from billing.db import migrate  # noqa: E402
 from billing.services import metrics  # noqa: E402
 
-PG_ADMIN = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
-PG_BASE = "postgresql+psycopg://postgres@127.0.0.1:5432/"
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from metrics_scrape import drop_database, log, recreate_database  # noqa: E402
+
 DATABASE = "billing_bench_triggers"
 TABLES = ("invoices", "charge_attempts")
 T0 = "2026-01-31 12:00:00+00"
-
-
-def log(message: str) -> None:
-    print(f"[{datetime.now().strftime('%H:%M:%S')}] {message}", flush=True)
-
-
-def recreate_database() -> str:
-    admin = create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f"DROP DATABASE IF EXISTS {DATABASE}"))
-        conn.execute(text(f"CREATE DATABASE {DATABASE}"))
-    admin.dispose()
-    return PG_BASE + DATABASE
-
-
-def drop_database() -> None:
-    admin = create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f"DROP DATABASE IF EXISTS {DATABASE}"))
-    admin.dispose()
 
 
 def load(url: str, n: int) -> None:
@@ -162,7 +143,7 @@ def main() -> None:
     now = datetime.now(UTC).replace(microsecond=0)
     runs = 2 * args.pairs
     total = runs * (args.single + args.batched + args.loop)
-    url = recreate_database()
+    url = recreate_database(DATABASE)
     results: dict[str, Any] = {
         "started_at": now.isoformat(),
         "host": {"cpus": os.cpu_count(), "platform": platform.platform(), "load_average": os.getloadavg()},
@@ -213,7 +194,7 @@ def main() -> None:
         results["summary"] = summary
         engine.dispose()
     finally:
-        drop_database()
+        drop_database(DATABASE)
     results["load_average_after"] = os.getloadavg()
     out = ROOT / "benchmarks" / "results" / f"{now.strftime('%Y%m%dT%H%M%SZ')}-metric_triggers.json"
     out.write_text(json.dumps(results, indent=2) + "\n")

@@ -199,22 +199,23 @@ def _history_families(snap: queries.History) -> Iterator[Metric]:
         mrr.add_metric([currency], amount)
     yield mrr
 
-    backlog = GaugeMetricFamily(
+    yield _per_endpoint(
         "billing_webhook_backlog",
         "Events not yet acknowledged by each webhook (or celery://) endpoint, by endpoint id.",
-        labels=["endpoint"],
+        snap.webhook_backlog,
     )
-    for endpoint, count in sorted(snap.webhook_backlog.items(), key=lambda item: int(item[0])):
-        backlog.add_metric([endpoint], count)
-    yield backlog
-    failing = GaugeMetricFamily(
+    yield _per_endpoint(
         "billing_webhook_endpoint_failing",
         "1 for an endpoint marked failing (its deliveries failed in a row; its backlog waits), 0 otherwise.",
-        labels=["endpoint"],
+        {endpoint: int(failing) for endpoint, failing in snap.webhook_failing.items()},
     )
-    for endpoint, is_failing in sorted(snap.webhook_failing.items(), key=lambda item: int(item[0])):
-        failing.add_metric([endpoint], 1 if is_failing else 0)
-    yield failing
+
+
+def _per_endpoint(name: str, documentation: str, values: dict[str, int]) -> Metric:
+    family = GaugeMetricFamily(name, documentation, labels=["endpoint"])
+    for endpoint, value in sorted(values.items(), key=lambda item: int(item[0])):  # ids in numeric order
+        family.add_metric([endpoint], value)
+    return family
 
 
 class BillingCollector(Collector):
