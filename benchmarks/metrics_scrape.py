@@ -11,8 +11,9 @@ uncollectible, void), their attempts (approved, declined with several errorCodes
 unknown, not_sent, in flight), refunds of 0.5% of the charges, and a lease per periodic task. Then VACUUM
 ANALYZE, as autovacuum would have done on a live database (index-only scans need the visibility map).
 
-The load runs at revision 0005; then `billing db upgrade` to 0006 is timed (the backfill of metric_totals: one
-scan of each counted table) and the maintained counts are checked against a fresh GROUP BY of the tables.
+The load runs at revision 0007 (the one before 0006); then `billing db upgrade` to 0006 is timed (the backfill
+of metric_totals: one scan of each counted table) and the maintained counts are checked against a fresh GROUP BY
+of the tables.
 
 Timed, each the median of `--scrapes` runs after one warm-up:
 - every query of billing.services.metrics alone (its own read-only transaction), with its EXPLAIN ANALYZE;
@@ -402,7 +403,7 @@ def main() -> None:
     try:
         if not args.reuse:
             url = recreate_database(DATABASE)
-            migrate.upgrade(url, "0005")
+            migrate.upgrade(url, "0007")
             results["rows"] = load(url, args.subscriptions, args.periods, now)
             log(f"rows: {results['rows']}")
             started = time.monotonic()

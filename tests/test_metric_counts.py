@@ -284,16 +284,16 @@ def test_many_concurrent_writers_and_folds_keep_the_counts_exact(pg_url: str) ->
 def test_the_upgrade_backfills_existing_rows_and_the_downgrade_removes_the_triggers(
     db_url: str, engine: sa.Engine
 ) -> None:
-    # Given a database with billing history at 0005
-    migrate.upgrade(db_url, "0005")
+    # Given a database with billing history at 0007 (the revision before 0006)
+    migrate.upgrade(db_url, "0007")
     seed(engine)
     run(engine, *CHANGES)
     # When it is upgraded, the totals start from the rows as they are, with no delta
     migrate.upgrade(db_url)
     assert deltas(engine) == 0
     assert maintained(engine) == truth(engine)
-    # And back at 0005 the tables and triggers are gone: writes work as before
-    migrate.downgrade(db_url, "0005")
+    # And back at 0007 the tables and triggers are gone: writes work as before
+    migrate.downgrade(db_url, "0007")
     assert not {"metric_deltas", "metric_totals"} & set(sa.inspect(engine).get_table_names())
     run(engine, "UPDATE invoices SET state = 'void'", "DELETE FROM deliveries")
     migrate.upgrade(db_url)
@@ -340,14 +340,14 @@ def test_an_unmigrated_database_fails_the_fold_and_the_read_with_a_clear_error(s
     from billing.metrics import fold as fold_engine
     from billing.metrics import read_all, read_engine
 
-    migrate.upgrade(sqlite_url, "0005")
+    migrate.upgrade(sqlite_url, "0007")
     engine = read_engine(sqlite_url)
     try:
         with pytest.raises(ScrapeError, match=r"^cannot fold the metric deltas: OperationalError$"):
             fold_engine(engine)
         with pytest.raises(ScrapeError, match=r"^cannot read the database: OperationalError$"):
             read_all(engine, SystemClock())
-        assert migrate.current_revision(sqlite_url) == "0005"
+        assert migrate.current_revision(sqlite_url) == "0007"
     finally:
         engine.dispose()
 
