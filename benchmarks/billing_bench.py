@@ -1151,6 +1151,18 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--full", action="store_true", help="100,000 charges per end-to-end run")
     parser.add_argument("--out", default=str(ROOT / "bench-results"))
     parser.add_argument(
+        "--database",
+        default="billing_bench",
+        help="the PostgreSQL database to (re)create: another name when other benchmarks share the server",
+    )
+    parser.add_argument(
+        "--metric-triggers",
+        choices=("on", "off"),
+        default="on",
+        help="off disables the metric triggers of migration 0009 (ALTER TABLE ... DISABLE TRIGGER USER): the A/B"
+        " of their cost on the charge path",
+    )
+    parser.add_argument(
         "--webhook-latency-ms",
         type=int,
         default=None,
@@ -1167,6 +1179,15 @@ def parse_args() -> argparse.Namespace:
     if unknown:
         parser.error(f"unknown sections: {', '.join(sorted(unknown))}")
     return args
+
+
+def disable_metric_triggers(db_url: str) -> None:
+    engine = create_engine(db_url)
+    with engine.begin() as conn:
+        for table in ("invoices", "charge_attempts", "refunds", "subscriptions", "deliveries"):
+            conn.execute(text(f"ALTER TABLE {table} DISABLE TRIGGER USER"))
+    engine.dispose()
+    log("metric triggers disabled")
 
 
 def ratios(results: dict[str, Any]) -> dict[str, Any]:
@@ -1282,10 +1303,12 @@ def main() -> int:
             if args.only & {"e2e", "single", "ratelimit", "memory"}:
                 cards = -(-args.subscriptions // args.subs_per_card)
                 log(f"seeding {cards} customers with cards at the emulator and {args.subscriptions} subscriptions")
-                db_url = recreate_database("billing_bench")
+                db_url = recreate_database(args.database)
                 from billing.db import migrate
 
                 migrate.upgrade(db_url)
+                if args.metric_triggers == "off":
+                    disable_metric_triggers(db_url)
                 seed_database(db_url, seed_cards(emulator.api_url, cards), args.subscriptions)
                 if receiver is not None:
                     receiver.register(db_url)
@@ -1296,7 +1319,7 @@ def main() -> int:
                     single_path_section(args, db_url, schedule, broker, emulator, logs, results)
                 if "ratelimit" in args.only:
                     ratelimit_section(args, db_url, schedule, broker, emulator, logs, results)
-                drop_database("billing_bench")
+                drop_database(args.database)
             if "noop" in args.only:
                 noop_section(args, broker, logs, results)
             if "naive" in args.only:

@@ -11,12 +11,15 @@ uncollectible, void), their attempts (approved, declined with several errorCodes
 unknown, not_sent, in flight), refunds of 0.5% of the charges, and a lease per periodic task. Then VACUUM
 ANALYZE, as autovacuum would have done on a live database (index-only scans need the visibility map).
 
+The load runs at revision 0008 (the one before 0009); then `billing db upgrade` to 0009 is timed (the backfill
+of metric_totals: one scan of each counted table) and the maintained counts are checked against a fresh GROUP BY
+of the tables.
+
 Timed, each the median of `--scrapes` runs after one warm-up:
 - every query of billing.services.metrics alone (its own read-only transaction), with its EXPLAIN ANALYZE;
-- the live read (billing.metrics.read_live: what every scrape runs) and the history read (read_history: what
-  the exporter's background thread runs every --history-refresh-seconds);
-- GET /metrics of a real `billing metrics serve` subprocess (what Prometheus sees), with the default
-  background history.
+- the live read and the maintained counts (billing.metrics.read_live, read_history), the latter also with
+  `--deltas` unfolded deltas (an exporter that may not fold), and the fold of that many deltas;
+- GET /metrics of a real `billing metrics serve` subprocess (what Prometheus sees: a fold, then one read).
 
 Results: printed, and written to benchmarks/results/<UTC timestamp>-metrics_scrape.json.
 """
@@ -45,7 +48,7 @@ from sqlalchemy.engine import Engine  # noqa: E402
 
 from billing.clock import SystemClock  # noqa: E402
 from billing.db import migrate  # noqa: E402
-from billing.metrics import read_engine, read_history, read_live  # noqa: E402
+from billing.metrics import fold, read_engine, read_history, read_live  # noqa: E402
 from billing.services import metrics as queries  # noqa: E402
 from tasks.testing import free_port, process_env  # noqa: E402
 
@@ -273,6 +276,7 @@ def time_queries(engine: Engine, runs: int) -> dict[str, Any]:
 
 
 def time_reads(engine: Engine, runs: int, read: Any) -> dict[str, Any]:
+    """`read` as the exporter runs it (one read-only snapshot)."""
     clock = SystemClock()
     samples = []
     for _ in range(runs + 1):
@@ -325,6 +329,58 @@ def time_http(url: str, runs: int, workdir: Path) -> dict[str, Any]:
         proc.wait(10)
 
 
+TRUTH = {
+    "invoices": "SELECT state, count(*) FROM invoices GROUP BY state",
+    "refunds": "SELECT state, count(*) FROM refunds GROUP BY state",
+    "attempts": "SELECT state, count(*) FROM charge_attempts "
+    "WHERE state IN ('approved', 'declined', 'duplicate', 'not_sent') GROUP BY state",
+    "recovered": "SELECT 'all', count(*) FROM invoices WHERE state = 'paid' AND last_error_code IS NOT NULL",
+}
+
+
+def check_counts(engine: Engine) -> dict[str, Any]:
+    """The maintained counts against the whole-table GROUP BYs they replace (scans, untimed)."""
+    history = read_history(engine, SystemClock())
+    attempts: dict[str, int] = {}
+    for (state, _, _), n in history.attempts.items():
+        attempts[state] = attempts.get(state, 0) + n
+    maintained = {
+        "invoices": {k: v for k, v in history.invoices.items() if v},
+        "refunds": {k: v for k, v in history.refunds.items() if v},
+        "attempts": attempts,
+        "recovered": {"all": history.recovered_invoices},
+    }
+    with engine.connect() as conn:
+        truth = {name: {str(k): int(n) for k, n in conn.execute(text(sql))} for name, sql in TRUTH.items()}
+    if maintained != truth:
+        raise SystemExit(f"maintained counts differ from the tables: {maintained} vs {truth}")
+    return {"equal": True, "counts": maintained}
+
+
+def add_deltas(url: str, n: int) -> None:
+    """n unfolded deltas that cancel out, spread over the label sets a billing run writes."""
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO metric_deltas (metric, k1, k2, k3, delta) "
+                "SELECT 'invoices', (ARRAY['open', 'paid', 'review'])[1 + i % 3], '', '', "
+                "CASE WHEN i % 2 = 0 THEN 1 ELSE -1 END FROM generate_series(1, :n) i"
+            ),
+            {"n": n - n % 6},
+        )
+    engine.dispose()
+
+
+def time_fold(url: str) -> dict[str, Any]:
+    engine = create_engine(url)
+    started = time.perf_counter()
+    moved = fold(engine)
+    elapsed = time.perf_counter() - started
+    engine.dispose()
+    return {"moved": moved, "ms": round(elapsed * 1000, 2)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--subscriptions", type=int, default=1_000_000)
@@ -332,6 +388,7 @@ def main() -> None:
     parser.add_argument("--scrapes", type=int, default=21, help="timed runs of each measure (median reported)")
     parser.add_argument("--keep", action="store_true", help=f"keep the database {DATABASE} afterwards")
     parser.add_argument("--reuse", action="store_true", help=f"time the existing {DATABASE} without loading it")
+    parser.add_argument("--deltas", type=int, default=20_000, help="unfolded deltas for the no-fold read")
     args = parser.parse_args()
 
     now = datetime.now(UTC).replace(microsecond=0)
@@ -346,17 +403,28 @@ def main() -> None:
     try:
         if not args.reuse:
             url = recreate_database(DATABASE)
-            migrate.upgrade(url)
+            migrate.upgrade(url, "0008")
             results["rows"] = load(url, args.subscriptions, args.periods, now)
             log(f"rows: {results['rows']}")
+            started = time.monotonic()
+            migrate.upgrade(url)
+            results["upgrade_0009_seconds"] = round(time.monotonic() - started, 1)
+            log(f"upgrade to 0009 (backfill): {results['upgrade_0009_seconds']} s")
         with create_engine(PG_ADMIN).connect() as conn:
             results["postgresql"] = conn.execute(text("SHOW server_version")).scalar_one()
         engine = read_engine(url)
+        results["check"] = check_counts(engine)
+        log(f"maintained counts equal the tables' GROUP BY: {results['check']['counts']}")
         results["queries"] = time_queries(engine, args.scrapes)
         results["live_read"] = time_reads(engine, args.scrapes, read_live)
-        log(f"live read (every scrape): median {results['live_read']['median_ms']} ms")
-        results["history_read"] = time_reads(engine, max(3, args.scrapes // 4), read_history)
-        log(f"history read (background): median {results['history_read']['median_ms']} ms")
+        log(f"live read: median {results['live_read']['median_ms']} ms")
+        results["counts_read"] = time_reads(engine, args.scrapes, read_history)
+        log(f"maintained counts read, folded: median {results['counts_read']['median_ms']} ms")
+        add_deltas(url, args.deltas)
+        results["counts_read_unfolded"] = {"deltas": args.deltas, **time_reads(engine, args.scrapes, read_history)}
+        log(f"... with {args.deltas} unfolded deltas: median {results['counts_read_unfolded']['median_ms']} ms")
+        results["fold"] = time_fold(url)
+        log(f"fold of {results['fold']['moved']} deltas: {results['fold']['ms']} ms")
         engine.dispose()
         workdir = ROOT / "bench-results"
         workdir.mkdir(exist_ok=True)

@@ -4,17 +4,17 @@ A custom Collector, not counters kept in a process: every worker, beat and opera
 the database is the one place that knows how many invoices are paid, and any number of exporters (or a
 restarted one) report the same figures. The names are a contract (docs/operations.md, section 11).
 
-Two tiers (billing.services.metrics): the live figures are read on every scrape, in a few milliseconds at any
-size; the history figures (counts over whole tables) are read by a background thread every
-`history_refresh_seconds` and served from that read, so no scrape waits for a table scan. With 0 every scrape
-reads both.
+Every scrape reads everything, in one read-only snapshot and without a table scan (billing.services.metrics):
+the live figures from the workers' own indexes, the counts from the totals the database's triggers maintain.
+Before reading, the scrape folds the deltas appended since the last fold, in a short write transaction of its
+own; an exporter that may not write (a read-only user or replica) reads the totals plus the unfolded deltas,
+which is the same figure, only slower as the deltas pile up until the reconcile task folds them.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime
 from typing import Any, TypeVar
@@ -36,16 +36,9 @@ log = logging.getLogger("billing.metrics")
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 9108
-DEFAULT_HISTORY_REFRESH_SECONDS = 60.0
-# A live read that would take longer is cut by the database, not left running behind Prometheus's 10 s timeout;
-# a history read may take seconds on a large database.
+# A read (or a fold) that would take longer is cut by the database, not left running behind Prometheus's 10 s
+# timeout.
 LIVE_TIMEOUT_MS = 5_000
-HISTORY_TIMEOUT_MS = 120_000
-# History older than this many refresh intervals (the database refuses the read) is left out of the scrape
-# rather than shown as if current.
-HISTORY_STALE_INTERVALS = 5
-# The event stream's metric: a live query in services.metrics and a family in `families` once it exists.
-WEBHOOK_BACKLOG = "billing_webhook_backlog"
 
 
 class ScrapeError(RuntimeError):
@@ -96,16 +89,35 @@ def read_live(engine: Engine, clock: Clock) -> queries.Live:
 
 
 def read_history(engine: Engine, clock: Clock) -> queries.History:
-    return read(engine, clock, queries.read_history, HISTORY_TIMEOUT_MS)
+    return read(engine, clock, queries.read_history, LIVE_TIMEOUT_MS)
 
 
-def families(live: queries.Live, history: queries.History | None) -> Iterator[Metric]:
-    """The metric families of one scrape, with the documented names, help texts and labels (the history ones
-    only when `history` is given)."""
+def read_all(engine: Engine, clock: Clock) -> tuple[queries.Live, queries.History]:
+    """Both in one snapshot: a scrape's figures agree with each other."""
+    return read(
+        engine,
+        clock,
+        lambda conn, now: (queries.read_live(conn, now), queries.read_history(conn, now)),
+        LIVE_TIMEOUT_MS,
+    )
+
+
+def fold(engine: Engine) -> int:
+    """Fold the metric deltas in a write transaction of its own (billing.services.metrics.fold)."""
+    try:
+        with engine.connect() as conn, conn.begin():
+            if engine.dialect.name == "postgresql":
+                conn.execute(text(f"SET LOCAL statement_timeout = {int(LIVE_TIMEOUT_MS)}"))
+            return queries.fold(conn)
+    except SQLAlchemyError as exc:
+        orig = getattr(exc, "orig", None) or exc
+        raise ScrapeError(f"cannot fold the metric deltas: {type(orig).__name__}") from exc
+
+
+def families(live: queries.Live, history: queries.History) -> Iterator[Metric]:
+    """The metric families of one scrape, with the documented names, help texts and labels."""
     yield from _live_families(live)
-    if history is not None:
-        yield from _history_families(history)
-    # billing_webhook_backlog{endpoint} goes here once the event stream exists (WEBHOOK_BACKLOG).
+    yield from _history_families(history)
 
 
 def _live_families(snap: queries.Live) -> Iterator[Metric]:
@@ -187,59 +199,50 @@ def _history_families(snap: queries.History) -> Iterator[Metric]:
         mrr.add_metric([currency], amount)
     yield mrr
 
+    yield _per_endpoint(
+        "billing_webhook_backlog",
+        "Events not yet acknowledged by each webhook (or celery://) endpoint, by endpoint id.",
+        snap.webhook_backlog,
+    )
+    yield _per_endpoint(
+        "billing_webhook_endpoint_failing",
+        "1 for an endpoint marked failing (its deliveries failed in a row; its backlog waits), 0 otherwise.",
+        {endpoint: int(failing) for endpoint, failing in snap.webhook_failing.items()},
+    )
+
+
+def _per_endpoint(name: str, documentation: str, values: dict[str, int]) -> Metric:
+    family = GaugeMetricFamily(name, documentation, labels=["endpoint"])
+    for endpoint, value in sorted(values.items(), key=lambda item: int(item[0])):  # ids in numeric order
+        family.add_metric([endpoint], value)
+    return family
+
 
 class BillingCollector(Collector):
-    """The live figures read per scrape, the history ones from the latest background read. Concurrent scrapes
-    wait for each other rather than load the database twice."""
+    """Every figure read per scrape: a fold first (best effort: a failed fold is logged and the read still gives
+    the right counts), then one read. Concurrent scrapes wait for each other rather than load the database
+    twice."""
 
     def __init__(
         self,
-        read_live: Callable[[], queries.Live],
-        read_history: Callable[[], queries.History],
-        history_refresh_seconds: float = DEFAULT_HISTORY_REFRESH_SECONDS,
+        read: Callable[[], tuple[queries.Live, queries.History]],
+        fold: Callable[[], int] | None = None,
     ) -> None:
-        self._read_live = read_live
-        self._read_history = read_history
-        self._refresh = history_refresh_seconds
+        self._read = read
+        self._fold = fold
         self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._history: queries.History | None = None
-        self._history_read_at = 0.0  # time.monotonic() of the latest successful history read
-        if self._refresh > 0:
-            self._refresh_history()  # a first read now: an unusable database fails the caller, once
-            self._thread = threading.Thread(target=self._refresh_loop, name="metrics-history", daemon=True)
-            self._thread.start()
-
-    def _refresh_history(self) -> None:
-        history = self._read_history()
-        with self._lock:
-            self._history, self._history_read_at = history, time.monotonic()
-
-    def _refresh_loop(self) -> None:
-        while not self._stop.wait(self._refresh):
-            try:
-                self._refresh_history()
-            except ScrapeError as exc:
-                log.warning("history read failed, serving the previous one: %s", exc)
-
-    def close(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
 
     def describe(self) -> Iterable[Metric]:
         return []  # registering must not query the database
 
     def collect(self) -> Iterable[Metric]:
         with self._lock:
-            live = self._read_live()
-            if self._refresh <= 0:
-                history: queries.History | None = self._read_history()
-            elif time.monotonic() - self._history_read_at > self._refresh * HISTORY_STALE_INTERVALS:
-                history = None
-            else:
-                history = self._history
+            if self._fold is not None:
+                try:
+                    self._fold()
+                except ScrapeError as exc:
+                    log.warning("%s; reading the unfolded deltas", exc)
+            live, history = self._read()
         return list(families(live, history))
 
 

@@ -13,7 +13,7 @@ from celery import Task
 from kombu.exceptions import ChannelError
 
 from billing.db import control
-from billing.services import commands, delivery, invoicing, notices, pause, reconcile, stream, voids
+from billing.services import commands, delivery, invoicing, metrics, notices, pause, reconcile, stream, voids
 from billing.services.context import Context
 from billing.services.outbox import relay_outbox as relay_outbox_service
 from tasks import config as names
@@ -130,12 +130,14 @@ def run_refunds(ctx: Context) -> dict[str, Any]:
 @_periodic(names.RECONCILE)
 def reconcile_attempts(ctx: Context) -> dict[str, Any]:
     """Expire attempts whose worker died, settle unknown ones Tpaga can tell us about, and resume billing
-    paused for bad credentials once they work again."""
+    paused for bad credentials once they work again; and fold the metric deltas (the exporter folds before each
+    scrape too: this keeps them from piling up where none runs)."""
     # The probe first: a lookup that fails must not keep a paused billing from resuming.
     resumed = pause.probe_gateway(ctx)
     stuck = reconcile.expire_stuck_attempts(ctx)
     lookups = reconcile.resolve_unknown_by_lookup(ctx)
-    return {"stuck": stuck, "lookups": lookups, "resumed": resumed}
+    folded = metrics.fold_deltas(ctx)
+    return {"stuck": stuck, "lookups": lookups, "resumed": resumed, "metric_deltas_folded": folded}
 
 
 @_periodic(names.RELAY_OUTBOX)

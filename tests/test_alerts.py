@@ -33,7 +33,8 @@ BILLING_METRICS = {
     "billing_periodic_last_run_timestamp_seconds",
     "billing_recovered_invoices_total",
     "billing_mrr_minor_units",
-    "billing_webhook_backlog",  # the event stream's, once it exists
+    "billing_webhook_backlog",
+    "billing_webhook_endpoint_failing",
 }
 
 

@@ -258,7 +258,7 @@ def test_every_metric_agrees_with_status_and_the_database_during_a_real_run(
     try:
         with (
             worker(env, tmp_path / "worker.log") as proc,
-            metrics_server(env, tmp_path / "metrics.log", "--history-refresh-seconds", "0") as url,
+            metrics_server(env, tmp_path / "metrics.log") as url,
         ):
             proc.wait_for_log(r"ready\.")
             # Given paid monthly and yearly subscriptions, a soft decline (scripted: 51 once, then approves) and a
@@ -390,7 +390,7 @@ def test_every_metric_agrees_with_status_and_the_database_during_a_real_run(
 # --- what a quiet run never shows, on SQLite -------------------------------------------------------------
 
 
-def test_a_pause_and_a_pending_refund_show_live_and_the_counts_follow_in_the_background(
+def test_a_pause_and_a_pending_refund_show_at_once_in_the_live_figures_and_the_counts(
     sqlite_url: str, sandbox: Any, tmp_path: Path
 ) -> None:
     from billing.services.context import DropPublisher
@@ -409,21 +409,19 @@ def test_a_pause_and_a_pending_refund_show_live_and_the_counts_follow_in_the_bac
     catalog.subscribe(ctx, customer_id=customer, plan_id=plan)
     run_tick(ctx, threads=1)
     try:
-        with metrics_server(env, tmp_path / "metrics.log", "--history-refresh-seconds", "0.2") as url:
+        with metrics_server(env, tmp_path / "metrics.log") as url:
             # Given a refund requested and not yet run (no worker here)
             before = datetime.now(UTC)
             refund = refunds.request_refund(ctx, invoice_id=1, reason="asked")
             with ctx.sessions() as s:
                 deadline = s.get(Refund, refund.refund_id).deadline_at  # type: ignore[union-attr]
-            # Then the live figures show it at once, and the counts once the background read has run
+            # Then the live figures and the maintained counts show it at once
             samples = scrape(url)[1]
             after = datetime.now(UTC)
             left = single(samples, "billing_refund_nearest_deadline_seconds")
             assert left is not None
             assert (deadline - after).total_seconds() <= left <= (deadline - before).total_seconds()
-            wait_until(
-                lambda: by(scrape(url)[1], "billing_refunds", "state")["requested"] == 1, "the refund counted", 30
-            )
+            assert by(samples, "billing_refunds", "state")["requested"] == 1
             assert by(scrape(url)[1], "billing_invoices", "state")["paid"] == 1
 
             # When Tpaga rejects the key, billing pauses: the reason shows
@@ -467,7 +465,7 @@ def test_serve_refuses_an_unmigrated_database_with_the_usual_message(sqlite_url:
     assert "is not migrated" in out.stderr and "billing db upgrade" in out.stderr
 
 
-# --- the collector's background history ------------------------------------------------------------------
+# --- the collector: a fold, then one read, per scrape ------------------------------------------------------
 
 
 def _live() -> metrics.Live:
@@ -478,36 +476,30 @@ def _history(paid: int) -> metrics.History:
     return metrics.History(datetime.now(UTC), {"paid": paid}, {}, {}, 0, {})
 
 
-def _names(collector: BillingCollector) -> set[str]:
-    return {family.name for family in collector.collect()}
-
-
-def test_history_is_served_from_the_background_read_and_left_out_once_stale() -> None:
-    reads: list[int] = []
+def test_every_scrape_folds_then_reads_and_a_failed_fold_still_serves_the_counts() -> None:
+    calls: list[str] = []
     failing = threading.Event()
 
-    def read_history() -> metrics.History:
-        if failing.is_set():
-            raise ScrapeError("cannot read the database: OperationalError")
-        reads.append(1)
-        return _history(len(reads))
+    def read() -> tuple[metrics.Live, metrics.History]:
+        calls.append("read")
+        return _live(), _history(len(calls))
 
-    collector = BillingCollector(_live, read_history, history_refresh_seconds=0.05)
-    try:
-        # Scrapes never read the history themselves: they get the latest background read
-        first = next(f for f in collector.collect() if f.name == "billing_invoices").samples[0].value
-        wait_until(
-            lambda: next(f for f in collector.collect() if f.name == "billing_invoices").samples[0].value > first,
-            "a newer background read",
-        )
-        # When the database refuses the history read, the old counts are dropped rather than shown as current
-        failing.set()
-        wait_until(lambda: "billing_invoices" not in _names(collector), "stale history to be left out")
-        assert {"billing_due_lag_seconds", "billing_review_queue_items"} <= _names(collector)
-        failing.clear()
-        wait_until(lambda: "billing_invoices" in _names(collector), "history back")
-    finally:
-        collector.close()
+    def fold() -> int:
+        calls.append("fold")
+        if failing.is_set():
+            raise ScrapeError("cannot fold the metric deltas: InsufficientPrivilege")
+        return 3
+
+    collector = BillingCollector(read, fold)
+    paid = [next(f for f in collector.collect() if f.name == "billing_invoices").samples[0].value for _ in (1, 2)]
+    assert calls == ["fold", "read", "fold", "read"] and paid == [2, 4]
+    # A database user that may not write (a replica) cannot fold: the scrape reads the unfolded deltas instead
+    failing.set()
+    assert "billing_invoices" in {family.name for family in collector.collect()}
+    assert calls[-2:] == ["fold", "read"]
+    # A read that fails fails the scrape (503), it is never served from an older read
+    with pytest.raises(ScrapeError):
+        BillingCollector(lambda: (_ for _ in ()).throw(ScrapeError("cannot read the database: X"))).collect()
 
 
 def test_error_codes_become_labels_only_from_the_documented_set() -> None:
@@ -529,7 +521,14 @@ def test_families_have_the_documented_names() -> None:
         datetime.now(UTC), 1, 2.0, 3.0, "merchant_decline", 4.0, {"billing.reconcile": datetime.now(UTC)}
     )
     history = metrics.History(
-        datetime.now(UTC), {"paid": 1}, {("declined", "51", "soft"): 2}, {"voided": 1}, 1, {"COP": 5}
+        datetime.now(UTC),
+        {"paid": 1},
+        {("declined", "51", "soft"): 2},
+        {"voided": 1},
+        1,
+        {"COP": 5},
+        {"3": 7},
+        {"3": True},
     )
     registry_names = {sample.name for family in families(live, history) for sample in family.samples}
     assert registry_names == {
@@ -544,4 +543,6 @@ def test_families_have_the_documented_names() -> None:
         "billing_periodic_last_run_timestamp_seconds",
         "billing_recovered_invoices_total",
         "billing_mrr_minor_units",
+        "billing_webhook_backlog",
+        "billing_webhook_endpoint_failing",
     }

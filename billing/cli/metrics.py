@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from billing.cli.common import database_option, handle_errors, load_settings
-from billing.metrics import DEFAULT_HISTORY_REFRESH_SECONDS, DEFAULT_HOST, DEFAULT_PORT
+from billing.metrics import DEFAULT_HOST, DEFAULT_PORT
 
 
 @click.group()
@@ -16,28 +16,21 @@ def metrics() -> None:
 @metrics.command("serve")
 @click.option("--host", default=DEFAULT_HOST, show_default=True, help="Address to listen on (0.0.0.0 in a container).")
 @click.option("--port", default=DEFAULT_PORT, show_default=True, type=click.IntRange(0, 65535), help="TCP port.")
-@click.option(
-    "--history-refresh-seconds",
-    default=DEFAULT_HISTORY_REFRESH_SECONDS,
-    show_default=True,
-    type=click.FloatRange(min=0),
-    help="How often the counts over whole tables (invoices, attempts, refunds, recovered, MRR) are read again "
-    "in the background; 0 reads them on every scrape (costly on a large database).",
-)
 @database_option
 @handle_errors
-def serve(host: str, port: int, history_refresh_seconds: float, database_url: str | None) -> None:
+def serve(host: str, port: int, database_url: str | None) -> None:
     """Serve /metrics. A scrape reads the live figures (index lookups: review queue, due lag, pause, refund
-    deadline, periodic tasks) and serves the latest background read of the counts."""
+    deadline, periodic tasks) and the counts the database maintains (invoices, attempts, refunds, recovered,
+    MRR, webhook backlog), in one snapshot, without a table scan."""
     from billing.bootstrap import build_clock
     from billing.db.engine import make_session_factory
     from billing.metrics import (
         BillingCollector,
         ScrapeError,
+        fold,
         make_http_server,
+        read_all,
         read_engine,
-        read_history,
-        read_live,
         registry_for,
     )
 
@@ -46,10 +39,8 @@ def serve(host: str, port: int, history_refresh_seconds: float, database_url: st
     clock = build_clock(settings, make_session_factory(engine))
     # A first read now: a wrong URL or an unmigrated database fails here, once, with the usual clear message.
     try:
-        read_live(engine, clock)
-        collector = BillingCollector(
-            lambda: read_live(engine, clock), lambda: read_history(engine, clock), history_refresh_seconds
-        )
+        read_all(engine, clock)
+        collector = BillingCollector(lambda: read_all(engine, clock), lambda: fold(engine))
     except ScrapeError as exc:
         raise exc.__cause__ or exc from None
     server = make_http_server(host, port, registry_for(collector))
@@ -60,5 +51,4 @@ def serve(host: str, port: int, history_refresh_seconds: float, database_url: st
         pass
     finally:
         server.server_close()
-        collector.close()
         engine.dispose()

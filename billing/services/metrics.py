@@ -1,11 +1,12 @@
 """The business state the metrics exporter reads from the database (the truth, not task counts).
 
-Each figure is one query. The live ones (`read_live`, every scrape) are index lookups: the review queue, the
-due lag, the refund deadline, the pause and the leases read the partial indexes (or primary keys) that the
-workers' own scans use, so they cost the same at any table size. The history ones (`read_history`: invoices and
-refunds by state, finished attempts, recovered invoices, MRR) aggregate whole tables, and no existing index
-makes a count of millions of rows cheap: billing.metrics reads them in the background every so often
-(PERFORMANCE.md, "Metrics scrape", has the figures and what would make them cheap).
+Nothing here scans a table. The live figures (`read_live`) read the partial indexes (or primary keys) that the
+workers' own scans use. The counts (`read_history`: invoices, finished attempts and refunds by state, recovered
+invoices, paying subscriptions per plan for MRR, each webhook endpoint's backlog) are maintained by the
+database: triggers (migration 0009) append signed deltas to `metric_deltas` in the transaction that changes a
+counted column, and a count is its `metric_totals` row plus the deltas not folded yet. `fold` moves the deltas
+into the totals (the exporter before each read, and the reconcile task), so a read sums a few hundred rows at any
+table size. PERFORMANCE.md, "Metrics scrape", has the figures.
 
 Label values come from closed sets (states, decline classes, the error codes `billing.domain.declines` knows,
 pause reasons, task names): an id, a token or a code nobody listed never becomes a label.
@@ -13,24 +14,37 @@ pause reasons, task names): an id, a token or a code nobody listed never becomes
 
 from __future__ import annotations
 
+import importlib
 import json
 from collections import defaultdict
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from datetime import datetime
 from fractions import Fraction
 from typing import Any
 
-from sqlalchemy import Connection, func, select
+from sqlalchemy import Connection, func, select, text, union_all
 
 from billing import task_names
 from billing.db.control import PAUSE_KEY
-from billing.db.models import ChargeAttempt, Control, Invoice, Plan, Refund, Subscription
+from billing.db.models import (
+    ChargeAttempt,
+    Control,
+    Endpoint,
+    Invoice,
+    MetricDelta,
+    MetricTotal,
+    Plan,
+    Refund,
+    Subscription,
+)
 from billing.domain import declines
 from billing.domain.periods import monthly_share
 from billing.domain.states import AttemptState, InvoiceState, RefundState, SubscriptionStatus
+from billing.services.context import Context
 from billing.services.pause import PauseReason
 
+# What the triggers of migration 0009 count (a frozen copy there; tests/test_metric_counts.py checks both agree).
 # Attempts are counted once finished: approved, declined and duplicate never change again, and a not_sent one
 # changes only when Tpaga's late answer arrives (rare). Pending, sending and unknown ones are in flight or in
 # the review queue (billing_review_queue_items), so the counter never counts an attempt twice.
@@ -55,6 +69,12 @@ _sub: Any = Subscription.__table__
 _ref: Any = Refund.__table__
 _plan: Any = Plan.__table__
 _ctl: Any = Control.__table__
+_end: Any = Endpoint.__table__
+_tot: Any = MetricTotal.__table__
+_dlt: Any = MetricDelta.__table__
+# Deltas moved per fold: a fold after a long time without one (no exporter, no reconcile task) stays a bounded
+# transaction, and the next one takes the rest.
+FOLD_LIMIT = 100_000
 
 
 @dataclass(frozen=True)
@@ -72,7 +92,7 @@ class Live:
 
 @dataclass(frozen=True)
 class History:
-    """The figures that aggregate whole tables: read in the background, every so often (billing.metrics)."""
+    """The maintained counts (metric_totals + metric_deltas), read on every scrape like the live figures."""
 
     now: datetime
     invoices: dict[str, int]  # every invoice state, 0 included
@@ -80,6 +100,8 @@ class History:
     refunds: dict[str, int]  # every refund state, 0 included
     recovered_invoices: int
     mrr_minor: dict[str, int]  # currency -> monthly recurring revenue in minor units
+    webhook_backlog: dict[str, int] = field(default_factory=dict)  # endpoint id -> deliveries not acknowledged
+    webhook_failing: dict[str, bool] = field(default_factory=dict)  # endpoint id -> marked failing
 
 
 def code_label(code: str | None) -> str:
@@ -95,25 +117,6 @@ def _age_seconds(now: datetime, since: datetime | None) -> float:
 
 
 # --- the queries, one per figure (the benchmark times each) -----------------------------------------------
-
-
-def invoices_by_state(conn: Connection, now: datetime) -> dict[str, int]:
-    counts = {state.value: 0 for state in InvoiceState}
-    for state, count in conn.execute(select(_inv.c.state, func.count()).group_by(_inv.c.state)):
-        counts[str(state)] = int(count)
-    return counts
-
-
-def finished_attempts(conn: Connection, now: datetime) -> dict[tuple[str, str, str], int]:
-    query = (
-        select(_att.c.state, _att.c.error_code, _att.c.decline_class, func.count())
-        .where(_att.c.state.in_([s.value for s in FINISHED_ATTEMPTS]))
-        .group_by(_att.c.state, _att.c.error_code, _att.c.decline_class)
-    )
-    counts: dict[tuple[str, str, str], int] = defaultdict(int)
-    for state, code, klass, count in conn.execute(query):
-        counts[(str(state), code_label(code), str(klass) if klass else NONE)] += int(count)
-    return dict(counts)
 
 
 def review_queue(conn: Connection, now: datetime) -> tuple[int, float]:
@@ -156,20 +159,21 @@ def paused_reason(conn: Connection, now: datetime) -> str | None:
     return reason if reason in {r.value for r in PauseReason} else OTHER
 
 
-def refunds_by_state(conn: Connection, now: datetime) -> dict[str, int]:
-    counts = {state.value: 0 for state in RefundState}
-    for state, count in conn.execute(select(_ref.c.state, func.count()).group_by(_ref.c.state)):
-        counts[str(state)] = int(count)
-    return counts
-
-
 def refund_nearest_deadline(conn: Connection, now: datetime) -> float | None:
-    """Seconds left before the nearest deadline of a refund still to reach Tpaga (ix_refunds_due covers
-    requested and sending; unknown ones are few: each is one void in doubt)."""
-    nearest = conn.execute(
-        select(func.min(Refund.deadline_at)).where(_ref.c.state.in_([s.value for s in PENDING_REFUNDS]))
-    ).scalar_one()
-    return (nearest - now).total_seconds() if nearest is not None else None
+    """Seconds left before the nearest deadline of a refund still to reach Tpaga: the first entries of
+    ix_refunds_due (requested, sending) and ix_refunds_unknown_deadline."""
+    pending = [s for s in PENDING_REFUNDS if s is not RefundState.UNKNOWN]
+    nearest = [
+        at
+        for at in conn.execute(
+            select(
+                _oldest(Refund.deadline_at, _ref.c.state.in_([s.value for s in pending])),
+                _oldest(Refund.deadline_at, _ref.c.state == RefundState.UNKNOWN.value),
+            )
+        ).one()
+        if at is not None
+    ]
+    return (min(nearest) - now).total_seconds() if nearest else None
 
 
 def periodic_last_run(conn: Connection, now: datetime) -> dict[str, datetime]:
@@ -179,31 +183,115 @@ def periodic_last_run(conn: Connection, now: datetime) -> dict[str, datetime]:
     return {keys[key]: at for key, at in rows}
 
 
-def recovered_invoices(conn: Connection, now: datetime) -> int:
-    """Invoices paid after at least one decline (dunning sets last_error_code on every decline)."""
-    query = select(func.count()).where(_inv.c.state == InvoiceState.PAID.value, _inv.c.last_error_code.is_not(None))
-    return int(conn.execute(query).scalar_one())
+# --- the maintained counts (metric_totals + metric_deltas, migration 0009) -----------------------------------
+
+Key = tuple[str, str, str, str]  # (metric, k1, k2, k3) as the triggers write them
 
 
-def mrr(conn: Connection, now: datetime) -> dict[str, int]:
-    """Monthly recurring revenue by currency: each paying, unpaused subscription's plan amount per month."""
-    per_plan = (
-        select(_sub.c.plan_id, func.count().label("n"))
-        .where(_sub.c.status.in_([s.value for s in REVENUE_STATUSES]), _sub.c.paused_at.is_(None))
-        .group_by(_sub.c.plan_id)
-        .subquery()
+def maintained(conn: Connection, now: datetime) -> dict[Key, int]:
+    """Every maintained count: its folded total plus the deltas appended since (one snapshot, no table scan)."""
+    both = union_all(
+        select(_tot.c.metric, _tot.c.k1, _tot.c.k2, _tot.c.k3, _tot.c.total.label("n")),
+        select(_dlt.c.metric, _dlt.c.k1, _dlt.c.k2, _dlt.c.k3, _dlt.c.delta.label("n")),
+    ).subquery()
+    query = select(both.c.metric, both.c.k1, both.c.k2, both.c.k3, func.sum(both.c.n)).group_by(
+        both.c.metric, both.c.k1, both.c.k2, both.c.k3
     )
-    query = select(_plan.c.currency, _plan.c.amount_minor, _plan.c.interval, _plan.c.interval_count, per_plan.c.n).join(
-        per_plan, per_plan.c.plan_id == _plan.c.id
+    return {(str(m), str(k1), str(k2), str(k3)): int(n) for m, k1, k2, k3, n in conn.execute(query)}
+
+
+def fold(conn: Connection) -> int:
+    """Move the deltas into metric_totals, in the caller's transaction; returns how many were moved.
+
+    On PostgreSQL one statement deletes the deltas it sees and adds exactly those to the totals: a delta
+    committed meanwhile stays for the next fold, and two concurrent folds never move one delta twice (the second
+    DELETE skips the rows the first removed). SQLite has one writer at a time, so the sum then the delete see the
+    same rows."""
+    if conn.dialect.name == "postgresql":
+        moved = conn.execute(
+            text(
+                "WITH moved AS (DELETE FROM metric_deltas WHERE id IN "
+                "  (SELECT id FROM metric_deltas ORDER BY id LIMIT :limit) RETURNING metric, k1, k2, k3, delta), "
+                "sums AS (SELECT metric, k1, k2, k3, sum(delta) AS total, count(*) AS rows FROM moved "
+                "  GROUP BY metric, k1, k2, k3), "
+                "upserted AS (INSERT INTO metric_totals (metric, k1, k2, k3, total) "
+                "  SELECT metric, k1, k2, k3, total FROM sums "
+                "  ON CONFLICT (metric, k1, k2, k3) DO UPDATE SET total = metric_totals.total + excluded.total) "
+                "SELECT coalesce(sum(rows), 0) FROM sums"
+            ),
+            {"limit": FOLD_LIMIT},
+        ).scalar_one()
+        return int(moved)
+    # The INSERT comes first: it takes SQLite's write lock before anything is read.
+    conn.execute(
+        text(
+            "INSERT INTO metric_totals (metric, k1, k2, k3, total) "
+            "SELECT metric, k1, k2, k3, sum(delta) FROM metric_deltas WHERE 1 = 1 GROUP BY metric, k1, k2, k3 "
+            "ON CONFLICT (metric, k1, k2, k3) DO UPDATE SET total = metric_totals.total + excluded.total"
+        )
     )
+    return int(conn.execute(text("DELETE FROM metric_deltas")).rowcount)
+
+
+def rebuild_totals(conn: Connection) -> None:
+    """metric_totals again from the rows, in the caller's transaction (after a TRUNCATE of a counted table, which
+    fires no row trigger): the backfill of migration 0009, one scan of each counted table. On PostgreSQL the
+    counted tables are locked against writers meanwhile."""
+    migration: Any = importlib.import_module("billing.db.migrations.versions.0009_metric_counts")
+    if conn.dialect.name == "postgresql":
+        conn.execute(text("LOCK TABLE " + ", ".join(migration.COUNTED) + " IN SHARE ROW EXCLUSIVE MODE"))
+    conn.execute(text("DELETE FROM metric_deltas"))
+    conn.execute(text("DELETE FROM metric_totals"))
+    migration.backfill(conn)
+
+
+def fold_deltas(ctx: Context) -> int:
+    """`fold` in a transaction of its own (the reconcile task runs it, so deltas do not pile up without an
+    exporter)."""
+    with ctx.unit_of_work() as session:
+        return fold(session.connection())
+
+
+def _states(counts: dict[Key, int], metric: str, states: Iterable[str]) -> dict[str, int]:
+    found = {state: 0 for state in states}
+    for (m, k1, _, _), n in counts.items():
+        if m == metric:
+            found[k1] = found.get(k1, 0) + n
+    return found
+
+
+def _attempts(counts: dict[Key, int]) -> dict[tuple[str, str, str], int]:
+    found: dict[tuple[str, str, str], int] = defaultdict(int)
+    for (m, state, code, klass), n in counts.items():
+        if m == "attempts":
+            found[(state, code_label(code), klass or NONE)] += n
+    # A label set that went back to 0 (a not_sent attempt answered late) is left out, as a GROUP BY would.
+    return {key: n for key, n in found.items() if n}
+
+
+def mrr(conn: Connection, paying: dict[str, int]) -> dict[str, int]:
+    """Monthly recurring revenue by currency from the paying subscriptions per plan (plans are few: one lookup
+    by primary key each), each plan's amount per month."""
+    ids = [int(plan_id) for plan_id, n in paying.items() if n]
     totals: dict[str, Fraction] = defaultdict(Fraction)
-    for currency, amount_minor, interval, interval_count, count in conn.execute(query):
-        totals[str(currency)] += amount_minor * count * monthly_share(interval, interval_count)
+    if ids:
+        plans = select(_plan.c.id, _plan.c.currency, _plan.c.amount_minor, _plan.c.interval, _plan.c.interval_count)
+        for plan_id, currency, amount_minor, interval, interval_count in conn.execute(plans.where(_plan.c.id.in_(ids))):
+            totals[str(currency)] += amount_minor * paying[str(plan_id)] * monthly_share(interval, interval_count)
     return {currency: round(total) for currency, total in totals.items()}
 
 
-# The event stream (webhook endpoints and their backlog) lands separately: its query goes here, and
-# billing.metrics exposes it as billing_webhook_backlog{endpoint} (see WEBHOOK_BACKLOG there).
+def webhook_endpoints(conn: Connection, backlog: dict[str, int]) -> tuple[dict[str, int], dict[str, bool]]:
+    """Each endpoint's backlog (deliveries not yet acknowledged) and whether it is failing, by endpoint id (the
+    handle `billing webhooks list` shows; endpoints are few, added by operators)."""
+    rows = conn.execute(select(_end.c.id, _end.c.status).where(_end.c.removed_at.is_(None)))
+    pending: dict[str, int] = {}
+    failing: dict[str, bool] = {}
+    for endpoint_id, status in rows:
+        pending[str(endpoint_id)] = backlog.get(str(endpoint_id), 0)
+        failing[str(endpoint_id)] = status == "failing"
+    return pending, failing
+
 
 LIVE_QUERIES: dict[str, Callable[[Connection, datetime], Any]] = {
     "review_queue": review_queue,
@@ -212,13 +300,7 @@ LIVE_QUERIES: dict[str, Callable[[Connection, datetime], Any]] = {
     "refund_nearest_deadline": refund_nearest_deadline,
     "periodic_last_run": periodic_last_run,
 }
-HISTORY_QUERIES: dict[str, Callable[[Connection, datetime], Any]] = {
-    "invoices_by_state": invoices_by_state,
-    "finished_attempts": finished_attempts,
-    "refunds_by_state": refunds_by_state,
-    "recovered_invoices": recovered_invoices,
-    "mrr": mrr,
-}
+HISTORY_QUERIES: dict[str, Callable[[Connection, datetime], Any]] = {"maintained": maintained}
 
 
 def read_live(conn: Connection, now: datetime) -> Live:
@@ -235,11 +317,15 @@ def read_live(conn: Connection, now: datetime) -> Live:
 
 
 def read_history(conn: Connection, now: datetime) -> History:
+    counts = maintained(conn, now)
+    backlog, failing = webhook_endpoints(conn, _states(counts, "backlog", ()))
     return History(
         now=now,
-        invoices=invoices_by_state(conn, now),
-        attempts=finished_attempts(conn, now),
-        refunds=refunds_by_state(conn, now),
-        recovered_invoices=recovered_invoices(conn, now),
-        mrr_minor=mrr(conn, now),
+        invoices=_states(counts, "invoices", (s.value for s in InvoiceState)),
+        attempts=_attempts(counts),
+        refunds=_states(counts, "refunds", (s.value for s in RefundState)),
+        recovered_invoices=_states(counts, "recovered", ("",))[""],
+        mrr_minor=mrr(conn, _states(counts, "paying", ())),
+        webhook_backlog=backlog,
+        webhook_failing=failing,
     )
