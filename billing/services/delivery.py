@@ -318,7 +318,7 @@ def claim_heads(ctx: Context, *, limit: int = PASS_SIZE) -> list[Claimed]:
             session,
             [(endpoint_id, offset) for endpoint_id, offset, _ in heads],
             next_attempt_at=now + CLAIM_LEASE,
-            attempts=Delivery.attempts + 1,
+            attempts=Delivery.__table__.c.attempts + 1,
         )
         return [Claimed(endpoint_id, offset, attempts + 1) for endpoint_id, offset, attempts in heads]
 
@@ -330,17 +330,19 @@ def _update_per_endpoint(session: Session, keys: Sequence[tuple[int, int]], **va
     for endpoint_id, offset in keys:
         offsets.setdefault(endpoint_id, []).append(offset)
     dialect = bulk.dialect_of(session)
+    # Core, not ORM, statements: the ORM's bulk-update path (state synchronisation, its compile step) cost more
+    # worker CPU than the statement itself.
+    table: Any = Delivery.__table__
     for endpoint_id, group in offsets.items():
         session.execute(
-            update(Delivery)
+            update(table)
             .where(
-                Delivery.endpoint_id == endpoint_id,
-                bulk.id_in(Delivery.stream_offset, sorted(group), dialect),
+                table.c.endpoint_id == endpoint_id,
+                bulk.id_in(table.c.stream_offset, sorted(group), dialect),
                 # Still pending: after its lease ran out another pass may have delivered the head.
-                Delivery.state == "pending",
+                table.c.state == "pending",
             )
             .values(**values)
-            .execution_options(synchronize_session=False)
         )
 
 
@@ -365,19 +367,26 @@ def deliver_due(ctx: Context, send: Send, *, limit: int = PASS_SIZE, threads: in
     if not claimed:
         return {"delivered": 0, "failed": 0}
     with ctx.sessions() as session:
+        dialect = bulk.dialect_of(session)
         endpoints = {
             e.id: e
             for e in session.execute(
                 select(Endpoint).where(Endpoint.id.in_({c.endpoint_id for c in claimed}))
             ).scalars()
         }
+        # One array parameter, not an IN list of a thousand parameters rendered into the statement per pass.
         by_offset = {
             e.stream_offset: e
             for e in session.execute(
-                select(StreamEvent).where(StreamEvent.stream_offset.in_({c.stream_offset for c in claimed}))
+                select(StreamEvent).where(
+                    bulk.id_in(StreamEvent.stream_offset, sorted({c.stream_offset for c in claimed}), dialect)
+                )
             ).scalars()
         }
         session.expunge_all()
+    # Endpoints that were failing when the pass began: only these can recover. The others need no UPDATE per
+    # group of outcomes (one marked failing meanwhile by an overlapping pass recovers at its next pass).
+    failing_before = {e.id for e in endpoints.values() if e.status == "failing"}
 
     def attempt(claim: Claimed) -> tuple[Claimed, str | None]:
         endpoint, event = endpoints.get(claim.endpoint_id), by_offset.get(claim.stream_offset)
@@ -395,7 +404,7 @@ def deliver_due(ctx: Context, send: Send, *, limit: int = PASS_SIZE, threads: in
     totals = {"delivered": 0, "failed": 0}
 
     def record(results: list[tuple[Claimed, str | None]]) -> None:
-        for key, value in _record(ctx, results).items():
+        for key, value in _record(ctx, results, failing_before).items():
             totals[key] += value
 
     send_many = getattr(send, "send_many", None)
@@ -450,7 +459,11 @@ def _send_batch(
                 yield claim, f"error: {type(exc).__name__}"
 
 
-def _record(ctx: Context, results: list[tuple[Claimed, str | None]]) -> dict[str, int]:
+def _record(
+    ctx: Context, results: list[tuple[Claimed, str | None]], failing_before: set[int] | None = None
+) -> dict[str, int]:
+    """Write a group of outcomes; `failing_before` (None: any) are the endpoints that may be marked failing,
+    the only ones a delivery can bring back."""
     now = ctx.clock.now()
     delivered = [c for c, error in results if error is None]
     failed = [(c, error) for c, error in results if error is not None]
@@ -475,7 +488,8 @@ def _record(ctx: Context, results: list[tuple[Claimed, str | None]]) -> dict[str
                 )
                 .values(next_attempt_at=now + retry_delay(claim.attempts), last_error=error)
             )
-        recovered = {c.endpoint_id for c in delivered}
+        delivered_to = {c.endpoint_id for c in delivered}
+        recovered = delivered_to if failing_before is None else delivered_to & failing_before
         if recovered:
             back = list(
                 session.execute(
@@ -487,7 +501,7 @@ def _record(ctx: Context, results: list[tuple[Claimed, str | None]]) -> dict[str
             )
             for endpoint_id in back:
                 events.record(session, now, "webhook.recovered", endpoint_id=endpoint_id)
-        failing = {c.endpoint_id for c, _ in failed if c.attempts >= FAILING_AFTER} - recovered
+        failing = {c.endpoint_id for c, _ in failed if c.attempts >= FAILING_AFTER} - delivered_to
         if failing:
             marked = list(
                 session.execute(
