@@ -30,7 +30,8 @@ from billing.domain.money import Money
 from billing.services.context import Context
 
 OFFSET_KEY = "stream.offset"
-SEQUENCE_BATCH = 1000
+# As many as a delivery pass claims (delivery.PASS_SIZE): numbering fewer capped delivery at that many per pass.
+SEQUENCE_BATCH = 2000
 
 # Every type an app can receive, each documented in docs/events.md (a test holds the two together). `row`
 # refuses any other: a new type is added here and documented before it can be emitted.
