@@ -216,3 +216,31 @@ def test_a_redirect_is_not_followed(ctx: Context, receiver: Receiver) -> None:
     with ctx.sessions() as session:
         [row] = session.execute(select(Delivery)).scalars()
         assert row.state == "pending" and row.last_error == "HTTP 302"
+
+
+def test_a_claimed_head_is_leased_and_claimed_again_only_after_its_lease(ctx: Context) -> None:
+    """A pass that died after its claim (nothing recorded) holds the head for CLAIM_LEASE, no longer; a failed
+    attempt frees it at once for its retry time (the lease column, not next_attempt_at, marks a claim)."""
+    delivery.add_endpoint(ctx, "http://127.0.0.1:9/hooks", secret=SECRET)
+    emit(ctx, "invoice.opened", subscription_id=1)
+    emit(ctx, "invoice.paid", subscription_id=1)
+    stream.sequence(ctx)
+    [first] = delivery.claim_heads(ctx)
+    assert first.attempts == 1
+    assert delivery.claim_heads(ctx) == []  # leased, and the next event of its key is not a head
+    ctx.clock.advance(delivery.CLAIM_LEASE - timedelta(seconds=1))
+    assert delivery.claim_heads(ctx) == []
+    ctx.clock.advance(timedelta(seconds=2))
+    [again] = delivery.claim_heads(ctx)
+    assert (again.stream_offset, again.attempts) == (first.stream_offset, 2)
+    delivery._record(ctx, [(again, "HTTP 503")])
+    assert delivery.claim_heads(ctx) == []  # not due before its retry delay
+    ctx.clock.advance(timedelta(seconds=delivery.RETRY_SCHEDULE[1] * 1.2 + 1))  # past the jitter's upper bound
+    [retry] = delivery.claim_heads(ctx)
+    assert (retry.stream_offset, retry.attempts) == (first.stream_offset, 3)
+    delivery._record(ctx, [(retry, None)])
+    [paid] = delivery.claim_heads(ctx)  # delivered: the next event of the key is the head
+    assert paid.stream_offset > first.stream_offset and paid.attempts == 1
+    with ctx.sessions() as session:
+        leases = dict(session.execute(select(Delivery.stream_offset, Delivery.claimed_until)).all())
+    assert leases[first.stream_offset] is None and leases[paid.stream_offset] is not None

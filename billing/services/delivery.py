@@ -1,11 +1,11 @@
 """Delivering the stream to endpoints: in order per subscription, retried for days, replayable.
 
 A pass (`deliver_due`) claims the deliveries that may go now: per endpoint and ordering key only the lowest
-pending offset (the head), and only when its next attempt is due. The claim pushes the head's next attempt a
-lease ahead and commits before anything is sent, so a concurrent pass (a second beat, another worker) skips it
-and a worker killed mid-send leaves a head that is sent again after the lease (the same `webhook-id`: at least
-once, never out of order). An acknowledged head (2xx, or the broker took the Celery message) is `delivered`,
-which makes the next event of its key the head.
+pending offset (the head), and only when its next attempt is due and no pass holds it. The claim gives the head
+a lease (`claimed_until`, in no index: a HOT update) and commits before anything is sent, so a concurrent pass
+(a second beat, another worker) skips it and a worker killed mid-send leaves a head that is sent again after the
+lease (the same `webhook-id`: at least once, never out of order). An acknowledged head (2xx, or the broker took
+the Celery message) is `delivered`, which makes the next event of its key the head.
 
 A failed attempt is retried with exponential backoff and jitter (`RETRY_SCHEDULE`, then every 12 hours, for as
 long as the event is kept); after `FAILING_AFTER` failures in a row an endpoint is marked failing with an
@@ -26,7 +26,7 @@ from datetime import datetime, timedelta
 from typing import Any
 from urllib.parse import urlsplit
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import delete, func, or_, select, update
 from sqlalchemy.orm import Session, aliased
 
 from billing.config import is_loopback_host
@@ -254,7 +254,7 @@ def replay(ctx: Context, endpoint_id: int, *, from_offset: int | None = None, si
             updated = session.execute(
                 update(Delivery)
                 .where(Delivery.endpoint_id == endpoint.id, Delivery.stream_offset == event.stream_offset)
-                .values(state="pending", next_attempt_at=now, attempts=0, delivered_at=None)
+                .values(state="pending", next_attempt_at=now, attempts=0, delivered_at=None, claimed_until=None)
                 .execution_options(synchronize_session=False)
             ).rowcount  # type: ignore[attr-defined]
             if not updated:
@@ -298,6 +298,8 @@ def claim_heads(ctx: Context, *, limit: int = PASS_SIZE) -> list[Claimed]:
                 .where(
                     Delivery.state == "pending",
                     Delivery.next_attempt_at <= now,
+                    # Not being sent by a pass (or its lease ran out: that pass's worker died).
+                    or_(Delivery.claimed_until.is_(None), Delivery.claimed_until <= now),
                     # The head is its key's lowest pending offset: one probe of ix_deliveries_heads per candidate.
                     # Not NOT EXISTS (a lower pending one): statistics taken when nothing was pending (every burst
                     # starts so) made PostgreSQL run that anti-join as a scan of the whole backlog per candidate,
@@ -319,7 +321,8 @@ def claim_heads(ctx: Context, *, limit: int = PASS_SIZE) -> list[Claimed]:
         _update_per_endpoint(
             session,
             [(endpoint_id, offset) for endpoint_id, offset, _ in heads],
-            next_attempt_at=now + CLAIM_LEASE,
+            # Not next_attempt_at: it is indexed, so changing it made every claim a non-HOT update.
+            claimed_until=now + CLAIM_LEASE,
             attempts=Delivery.__table__.c.attempts + 1,
         )
         return [Claimed(endpoint_id, offset, attempts + 1) for endpoint_id, offset, attempts in heads]
@@ -476,6 +479,7 @@ def _record(
             state="delivered",
             delivered_at=now,
             last_error=None,
+            claimed_until=None,
         )
         for claim, error in failed:
             # Only the claim's own attempt: after its lease ran out another pass may have re-claimed the head
@@ -488,7 +492,7 @@ def _record(
                     Delivery.state == "pending",
                     Delivery.attempts == claim.attempts,
                 )
-                .values(next_attempt_at=now + retry_delay(claim.attempts), last_error=error)
+                .values(next_attempt_at=now + retry_delay(claim.attempts), last_error=error, claimed_until=None)
             )
         delivered_to = {c.endpoint_id for c in delivered}
         recovered = delivered_to if failing_before is None else delivered_to & failing_before
