@@ -43,7 +43,7 @@ from billing.domain.periods import Interval
 from billing.domain.states import AttemptState, CardStatus, InvoiceState, RefundState, SubscriptionStatus
 from billing.domain.tax import TaxTreatment
 
-HEAD = "0009"
+HEAD = "0010"
 CORE_TABLES = {"control", "customers", "cards", "plans", "subscriptions", "invoices", "charge_attempts"}
 LATER_TABLES = {"refunds", "outbox", "events"}
 T0 = "2026-01-31 12:00:00"

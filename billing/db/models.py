@@ -486,7 +486,7 @@ class Delivery(Base):
         CheckConstraint("state in ('pending', 'delivered')", name="state"),
         partial_index("ix_deliveries_heads", "endpoint_id", "key", "stream_offset", where="state = 'pending'"),
         partial_index("ix_deliveries_due", "next_attempt_at", where="state = 'pending'"),
-        # Half of each page free: room for a claimed row's new version on its page (a HOT update; migration 0009).
+        # Half of each page free: room for a claimed row's new version on its page (a HOT update; migration 0010).
         {"postgresql_with": {"fillfactor": 50}},
     )
     endpoint_id: Mapped[int] = mapped_column(

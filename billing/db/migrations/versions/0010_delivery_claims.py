@@ -1,7 +1,7 @@
 """Deliveries are claimed by a lease column outside the indexes.
 
-Revision ID: 0009
-Revises: 0007
+Revision ID: 0010
+Revises: 0009
 Create Date: 2026-12-02
 
 A nullable column and a storage parameter only: nothing is rewritten, so it runs on a live database.
@@ -18,9 +18,9 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0009"
-# 0005 in the brief; chained to 0007 once main had it (two heads would make `upgrade head` fail).
-down_revision: str | Sequence[str] | None = "0007"
+revision: str = "0010"
+# The brief said 0009 after 0005; main has 0007-0009 since (two heads would make `upgrade head` fail).
+down_revision: str | Sequence[str] | None = "0009"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
