@@ -35,5 +35,6 @@ def upgrade() -> None:
 def downgrade() -> None:
     if op.get_bind().dialect.name == "postgresql":
         op.execute("ALTER TABLE deliveries RESET (fillfactor)")
-    with op.batch_alter_table("deliveries") as batch:
-        batch.drop_column("claimed_until")
+    # A plain DROP COLUMN (SQLite 3.35+), not batch_alter_table: a batch rebuild on SQLite would drop the
+    # metric triggers 0009 put on deliveries.
+    op.execute("ALTER TABLE deliveries DROP COLUMN claimed_until")
