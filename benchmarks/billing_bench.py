@@ -60,7 +60,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from sqlalchemy import create_engine, text  # noqa: E402
-from sqlalchemy.engine import Engine  # noqa: E402
+from sqlalchemy.engine import Engine, make_url  # noqa: E402
 
 from billing.gateway.ratelimit import default_burst  # noqa: E402
 from billing.sandbox import DEFAULT_PRIVATE_KEY, DEFAULT_PUBLIC_KEY  # noqa: E402
@@ -407,7 +407,11 @@ class Stack:
     receiver: Receiver | None = None
     extra_env: dict[str, str] = field(default_factory=dict)
     worker_args: list[str] = field(default_factory=list)
+    # A worker of its own consumes billing.events (the event stream's delivery loop) and the charging workers
+    # consume every other queue: the deployment of docs/operations.md, "A delivery process of its own".
+    delivery_process: bool = False
     workers: list[CeleryProcess] = field(default_factory=list)
+    delivery: CeleryProcess | None = None
     beat: CeleryProcess | None = None
 
     def env(self) -> dict[str, str]:
@@ -424,13 +428,19 @@ class Stack:
         )
 
     def start(self, workers: int, tag: str) -> None:
+        from tasks.config import EVENTS, QUEUE_NAMES
+
         env = self.env()
+        charging = ["-Q", ",".join(q for q in QUEUE_NAMES if q != EVENTS)] if self.delivery_process else []
         for n in range(workers):
             # No --pool, --concurrency or --prefetch: the app's own settings are what is measured.
             args = ["worker", "--loglevel", "INFO", "-n", f"bench{n}-{tag}@%h", "--without-mingle", "--without-gossip"]
-            args += self.worker_args
+            args += self.worker_args + charging
             self.workers.append(CeleryProcess(args, env, self.logs / f"worker-{tag}-{n}.log").start())
-        for proc in self.workers:
+        if self.delivery_process:
+            args = ["worker", "--loglevel", "INFO", "-n", f"events-{tag}@%h", "--without-mingle", "--without-gossip"]
+            self.delivery = CeleryProcess([*args, "-Q", EVENTS], env, self.logs / f"events-{tag}.log").start()
+        for proc in [*self.workers, *([self.delivery] if self.delivery else [])]:
             proc.wait_for_log(r"ready\.", 60)
         schedule = self.logs / f"beat-{tag}.schedule"
         self.beat = CeleryProcess(
@@ -448,17 +458,24 @@ class Stack:
         for proc in self.workers:
             proc.stop(30)
         self.workers = []
+        if self.delivery is not None:
+            self.delivery.stop(30)
+            self.delivery = None
 
 
 def cpu_meter(stack: Stack) -> CpuMeter:
     return CpuMeter(
         {
             "workers": stack.worker_pids,
+            # The delivery process (--delivery-process), metered apart from the charging workers: "workers" is
+            # then the cost of charging and of emitting events, "delivery" the cost of delivering them.
+            "delivery": lambda: [stack.delivery.proc.pid] if stack.delivery and stack.delivery.proc else [],
             "beat": lambda: [stack.beat.proc.pid] if stack.beat and stack.beat.proc else [],
             "emulator": lambda: [stack.emulator.proc.pid],
             # This benchmark's backends (the command line names the database) and the server's own processes
             # (WAL writer, checkpointer...), which work for every database: other users' backends are not counted.
-            "postgres": lambda: pids_named("postgres", " billing_bench ") + pg_server_pids(),
+            # (--database names it: a fixed " billing_bench " missed every backend of another name.)
+            "postgres": lambda: pids_named("postgres", f" {make_url(stack.db_url).database} ") + pg_server_pids(),
             "redis": lambda: pids_named("redis-server", ":6379"),
             "bench": lambda: [os.getpid()],
             "receiver": lambda: [stack.receiver.proc.pid] if stack.receiver else [],
@@ -621,6 +638,12 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
                 "median_commit_to_delivery_p99_seconds": round(
                     statistics.median(r["delivery"].get("commit_to_delivery_p99_seconds") or 0 for r in runs), 3
                 ),
+                # CPU of the delivery process per event delivered (--delivery-process; 0 without it).
+                "delivery_cpu_us_per_event": round(
+                    statistics.median(
+                        r["cpu_seconds"]["delivery"] / max(1, r["delivery"].get("delivered") or 0) * 1e6 for r in runs
+                    )
+                ),
                 "median_events_per_charge_per_second": round(
                     statistics.median(
                         (r["delivery"].get("events_per_second") or 0) / (r["charges_per_second"] or 1) for r in runs
@@ -656,7 +679,7 @@ def e2e_section(
     results["end_to_end"] = scenarios
     memory: dict[str, Any] = {}
     for workers in args.workers:
-        stack = Stack(db_url, broker, emulator, logs, receiver=receiver)
+        stack = Stack(db_url, broker, emulator, logs, receiver=receiver, delivery_process=args.delivery_process)
         log(f"end to end: starting {workers} worker process(es) and beat")
         stack.start(workers, f"w{workers}")
         pid = stack.worker_pids()[0]
@@ -1169,7 +1192,15 @@ def parse_args() -> argparse.Namespace:
         help="end to end with a webhook receiver on loopback answering after this many ms, registered for every"
         " event: adds events delivered/s and the commit -> delivery latency (p50, p99) per run",
     )
+    parser.add_argument(
+        "--delivery-process",
+        action="store_true",
+        help="end to end: the charging workers consume every queue but billing.events and a third worker only"
+        " billing.events (the delivery loop); its CPU is reported apart ('delivery', and per event delivered)",
+    )
     args = parser.parse_args()
+    if args.delivery_process and args.webhook_latency_ms is None:
+        parser.error("--delivery-process needs --webhook-latency-ms (without a receiver there is nothing to deliver)")
     if args.full:
         args.subscriptions = max(args.subscriptions, 100_000)
     args.latencies = [int(v) for v in args.latencies.split(",") if v.strip()]
@@ -1226,7 +1257,8 @@ def print_summary(results: dict[str, Any]) -> None:
             + (
                 f"; events delivered median {s['median_events_per_second']}/s"
                 f" ({s['median_events_per_charge_per_second']} x charges/s),"
-                f" commit->delivery p99 {s['median_commit_to_delivery_p99_seconds']} s"
+                f" commit->delivery p99 {s['median_commit_to_delivery_p99_seconds']} s,"
+                f" delivery process {s['delivery_cpu_us_per_event']} µs/event"
                 if "median_events_per_second" in s
                 else ""
             )
