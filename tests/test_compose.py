@@ -23,7 +23,7 @@ ENV_EXAMPLE_VALUES = dict(
     if line.strip() and not line.lstrip().startswith("#")
 )
 ENV_EXAMPLE = set(ENV_EXAMPLE_VALUES)
-BILLING_SERVICES = ("migrate", "sandbox", "worker", "beat", "flower", "metrics")
+BILLING_SERVICES = ("migrate", "sandbox", "worker", "events", "beat", "flower", "metrics")
 MONITORING = ("prometheus", "grafana")
 
 
@@ -95,6 +95,7 @@ def test_the_stack_has_every_service() -> None:
         "migrate",
         "sandbox",
         "worker",
+        "events",
         "beat",
         "flower",
         "metrics",
@@ -141,10 +142,24 @@ def test_workers_are_scalable_and_run_celery_worker() -> None:
     worker = SERVICES["worker"]
     assert "container_name" not in worker
     assert "replicas" in worker["deploy"]
-    assert worker["command"] == ["billing-worker"]
+    assert worker["command"][0] == "billing-worker"
     script = (ROOT / "deploy" / "worker.sh").read_text()
     assert "exec celery -A tasks worker" in script
     assert "COPY deploy/worker.sh /usr/local/bin/billing-worker" in (ROOT / "deploy" / "Dockerfile").read_text()
+
+
+def test_the_workers_consume_every_queue_but_the_events_one_which_one_events_worker_consumes() -> None:
+    from tasks.config import EVENTS, QUEUE_NAMES
+
+    # A queue added to the app and forgotten here would have no consumer: compare with the app's own list.
+    assert SERVICES["worker"]["command"][1:] == ["-Q", ",".join(q for q in QUEUE_NAMES if q != EVENTS)]
+    events = SERVICES["events"]
+    assert events["command"] == ["billing-worker", "-Q", EVENTS]
+    # One delivery loop per deployment (a lease): one replica, started after the migration like the workers.
+    assert events["deploy"]["replicas"] == 1
+    assert _depends("events") == {"migrate": "service_completed_successfully", "redis": "service_healthy"}
+    # The worker's context builds the gateway client, so it needs the same database and keys as the workers.
+    assert events["environment"] == SERVICES["worker"]["environment"]
 
 
 def test_exactly_one_beat() -> None:
