@@ -29,6 +29,7 @@ from billing.gateway import TpagaClient
 from billing.sandbox import DEFAULT_PRIVATE_KEY, DEFAULT_PUBLIC_KEY
 from billing.services import catalog, delivery, stream
 from billing.services.context import Context
+from tasks.config import CHARGE_INVOICES, DELIVER_EVENTS, EVENTS, QUEUE_NAMES
 from tasks.testing import CeleryProcess, private_redis_db, process_env, worker
 from tests.receiver import Receiver
 
@@ -142,13 +143,17 @@ def test_a_bare_celery_app_receives_every_event_in_order_with_the_webhooks_body(
             "BILLING_OUTBOX_MIN_AGE_SECONDS": "1",
         }
     )
-    billing_worker = worker(billing_env, tmp_path / "worker.log")
+    # The deployment docker-compose.yml runs: charging workers on every queue but billing.events, and a worker
+    # of its own on billing.events for the delivery loop.
+    billing_worker = worker(billing_env, tmp_path / "worker.log", "-Q", ",".join(q for q in QUEUE_NAMES if q != EVENTS))
+    events_worker = worker(billing_env, tmp_path / "events.log", "-Q", EVENTS)
     beat = CeleryProcess(
         ["beat", "--loglevel", "INFO", "-s", str(tmp_path / "beat-schedule")], billing_env, tmp_path / "beat.log"
     )
     try:
         consumer.start().wait_for_log(r"ready\.", 60)
         billing_worker.start().wait_for_log(r"ready\.", 60)
+        events_worker.start().wait_for_log(r"ready\.", 60)
         beat.start()
 
         # When billing runs (beat opens the ten invoices, the worker charges them) and delivers its events
@@ -162,16 +167,24 @@ def test_a_bare_celery_app_receives_every_event_in_order_with_the_webhooks_body(
         while not done():
             assert time.monotonic() < deadline, (
                 f"billing or delivery did not finish:\nworker:\n{billing_worker.log_text()[-3000:]}\n"
+                f"events worker:\n{events_worker.log_text()[-2000:]}\n"
                 f"someapp:\n{consumer.log_text()[-2000:]}"
             )
             time.sleep(0.3)
     finally:
         beat.stop()
         billing_worker.stop()
+        events_worker.stop()
         consumer.stop()
         receiver.stop()
 
-    # Then the other app got every event, never imported our code, and each subscription's events in order
+    # Then the delivery loop ran only in the events worker, and billing only in the charging worker (Celery
+    # logs "Task NAME[id] received"; the banner lists every task's name without the bracket)
+    assert f"Task {DELIVER_EVENTS}[" in events_worker.log_text()
+    assert f"Task {DELIVER_EVENTS}[" not in billing_worker.log_text()
+    assert f"Task {CHARGE_INVOICES}[" in billing_worker.log_text()
+    assert f"Task {CHARGE_INVOICES}[" not in events_worker.log_text()
+    # And the other app got every event, never imported our code, and each subscription's events in order
     with ctx.sessions() as session:
         events = list(session.execute(select(StreamEvent).order_by(StreamEvent.stream_offset)).scalars())
     records = consumed(out)
