@@ -679,7 +679,11 @@ def e2e_section(
     results["end_to_end"] = scenarios
     memory: dict[str, Any] = {}
     for workers in args.workers:
-        stack = Stack(db_url, broker, emulator, logs, receiver=receiver, delivery_process=args.delivery_process)
+        # BILLING_ variables of this shell never reach the workers (process_env drops them): pass it explicitly.
+        threads = {"BILLING_DELIVERY_THREADS": str(args.delivery_threads)} if args.delivery_threads else {}
+        stack = Stack(
+            db_url, broker, emulator, logs, receiver=receiver, extra_env=threads, delivery_process=args.delivery_process
+        )
         log(f"end to end: starting {workers} worker process(es) and beat")
         stack.start(workers, f"w{workers}")
         pid = stack.worker_pids()[0]
@@ -1198,7 +1202,16 @@ def parse_args() -> argparse.Namespace:
         help="end to end: the charging workers consume every queue but billing.events and a third worker only"
         " billing.events (the delivery loop); its CPU is reported apart ('delivery', and per event delivered)",
     )
+    parser.add_argument(
+        "--delivery-threads",
+        type=int,
+        default=None,
+        help="BILLING_DELIVERY_THREADS for the workers (webhooks in flight per delivery pass; the app's default"
+        " when not given)",
+    )
     args = parser.parse_args()
+    if args.delivery_threads is not None and args.delivery_threads < 1:
+        parser.error("--delivery-threads must be at least 1")
     if args.delivery_process and args.webhook_latency_ms is None:
         parser.error("--delivery-process needs --webhook-latency-ms (without a receiver there is nothing to deliver)")
     if args.full:
