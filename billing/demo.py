@@ -126,8 +126,30 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def worker_env(database_url: str, broker_url: str, api_url: str, clock: str, **beat: str) -> dict[str, str]:
+    """The environment of a demo's worker and beat: this one's, with the demo's database, broker and emulator,
+    and beat's periods shortened so that a demo's minutes show its work (`beat` overrides or adds periods)."""
+    from billing.sandbox.server import DEFAULT_PRIVATE_KEY, DEFAULT_PUBLIC_KEY
+
+    env = dict(os.environ)
+    env.update(
+        DATABASE_URL=database_url,
+        CELERY_BROKER_URL=broker_url,
+        TPAGA_API_URL=api_url,
+        TPAGA_PRIVATE_KEY=DEFAULT_PRIVATE_KEY,
+        TPAGA_PUBLIC_KEY=DEFAULT_PUBLIC_KEY,
+        BILLING_CLOCK=clock,
+        BILLING_BEAT_OPEN_SECONDS="1",
+        BILLING_BEAT_SWEEP_SECONDS="2",
+        BILLING_BEAT_OUTBOX_SECONDS="1",
+        PYTHONUNBUFFERED="1",
+    )
+    env.update(beat)
+    return env
+
+
 @contextmanager
-def _process(cmd: list[str], env: dict[str, str], log_path: str) -> Iterator[subprocess.Popen[bytes]]:
+def process(cmd: list[str], env: dict[str, str], log_path: str) -> Iterator[subprocess.Popen[bytes]]:
     with open(log_path, "wb") as log:  # each run's logs alone
         proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
@@ -142,7 +164,7 @@ def _process(cmd: list[str], env: dict[str, str], log_path: str) -> Iterator[sub
                 proc.wait(5)
 
 
-def _wait(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+def wait(predicate: Callable[[], bool], timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
@@ -220,21 +242,15 @@ def run_demo(months: int = 3, echo: Callable[[str], None] = click.echo) -> bool:
     sandbox.start()
     with ExitStack() as stack:  # unwinds the receiver and its endpoint, then the emulator
         stack.callback(sandbox.stop)
-        env = dict(os.environ)
-        env.update(
-            DATABASE_URL=f"sqlite:///{os.path.join(state, 'billing.db')}",
-            CELERY_BROKER_URL=f"sqla+sqlite:///{os.path.join(state, 'celery-broker.db')}",
-            TPAGA_API_URL=sandbox.api_url,
-            TPAGA_PRIVATE_KEY=DEFAULT_PRIVATE_KEY,
-            TPAGA_PUBLIC_KEY=DEFAULT_PUBLIC_KEY,
-            BILLING_CLOCK="database",
-            BILLING_BEAT_OPEN_SECONDS="1",
-            BILLING_BEAT_SWEEP_SECONDS="2",
+        env = worker_env(
+            database_url=f"sqlite:///{os.path.join(state, 'billing.db')}",
+            broker_url=f"sqla+sqlite:///{os.path.join(state, 'celery-broker.db')}",
+            api_url=sandbox.api_url,
+            clock="database",
             BILLING_BEAT_REFUNDS_SECONDS="2",
             BILLING_BEAT_RECONCILE_SECONDS="3",
             BILLING_BEAT_OUTBOX_SECONDS="2",
             BILLING_BEAT_EVENTS_SECONDS="1",
-            PYTHONUNBUFFERED="1",
         )
         settings = Settings.from_env(env)
         echo(f"[demo] emulator at {sandbox.api_url}")
@@ -305,8 +321,8 @@ def run_demo(months: int = 3, echo: Callable[[str], None] = click.echo) -> bool:
             os.path.join(state, "celerybeat-schedule"),
         ]
         with (
-            _process(worker_cmd, env, os.path.join(logs, "worker.log")),
-            _process(beat_cmd, env, os.path.join(logs, "beat.log")),
+            process(worker_cmd, env, os.path.join(logs, "worker.log")),
+            process(beat_cmd, env, os.path.join(logs, "beat.log")),
         ):
             echo("[demo] celery worker and beat started (logs in demo-logs/)")
 
@@ -315,7 +331,7 @@ def run_demo(months: int = 3, echo: Callable[[str], None] = click.echo) -> bool:
                     with ctx.sessions() as session:
                         return quiet(session, clock.now())
 
-                _wait(done, 120, what)
+                wait(done, 120, what)
                 with ctx.sessions() as session:
                     s = reports.status(session)
                 echo(f"[demo]   invoices {counts(s['invoices'])}; refunds {counts(s['refunds'])}")
@@ -356,8 +372,8 @@ def run_demo(months: int = 3, echo: Callable[[str], None] = click.echo) -> bool:
             for month in range(1, months + 1):
                 advance(timedelta(days=31), f"month {month}: renewals")
                 settle(f"month {month}")
-            _wait(lambda: _outbox_empty(ctx), 30, "the outbox to drain")
-            _wait(lambda: _stream_delivered(ctx, endpoint.endpoint_id), 180, "the event stream to reach the receiver")
+            wait(lambda: _outbox_empty(ctx), 30, "the outbox to drain")
+            wait(lambda: _stream_delivered(ctx, endpoint.endpoint_id), 180, "the event stream to reach the receiver")
         with ctx.sessions() as session:
             echo("\nOutcomes by errorCode:")
             echo(f"  {'errorCode':<10}{'class':<10}{'state':<10}{'count':>6}")

@@ -283,8 +283,8 @@ def run_web_demo(host: str, port: int, echo: Callable[[str], None] = click.echo)
     from billing.db.engine import make_engine, make_session_factory
     from billing.db.migrate import upgrade
     from billing.db.models import Command, Plan
-    from billing.demo import _process, _wait
-    from billing.sandbox.server import DEFAULT_PRIVATE_KEY, DEFAULT_PUBLIC_KEY, SandboxConfig, SandboxThread
+    from billing.demo import process, wait, worker_env
+    from billing.sandbox.server import SandboxConfig, SandboxThread
     from tasks import client
 
     listening = _listen(host, port)  # first: a port in use stops the demo before it starts anything
@@ -303,19 +303,7 @@ def run_web_demo(host: str, port: int, echo: Callable[[str], None] = click.echo)
         sandbox = SandboxThread(SandboxConfig(host=host, port=0)).start()
         stack.callback(sandbox.stop)
         echo(f"[web] emulator at {sandbox.api_url} (its ledger: {sandbox.base_url}__sandbox/ledger)")
-        env = dict(os.environ)
-        env.update(
-            DATABASE_URL=database_url,
-            CELERY_BROKER_URL=broker_url,
-            TPAGA_API_URL=sandbox.api_url,
-            TPAGA_PRIVATE_KEY=DEFAULT_PRIVATE_KEY,
-            TPAGA_PUBLIC_KEY=DEFAULT_PUBLIC_KEY,
-            BILLING_CLOCK="system",
-            BILLING_BEAT_OPEN_SECONDS="1",
-            BILLING_BEAT_SWEEP_SECONDS="2",
-            BILLING_BEAT_OUTBOX_SECONDS="1",
-            PYTHONUNBUFFERED="1",
-        )
+        env = worker_env(database_url, broker_url, sandbox.api_url, clock="system")
         upgrade(database_url)
         engine = make_engine(database_url)
         stack.callback(engine.dispose)
@@ -323,14 +311,14 @@ def run_web_demo(host: str, port: int, echo: Callable[[str], None] = click.echo)
         celery = [sys.executable, "-m", "celery", "-A", "tasks"]
         worker_options = ["--loglevel=INFO", "--pool=threads", "-c", "4", "--without-mingle", "--without-gossip"]
         worker = stack.enter_context(
-            _process(
+            process(
                 [*celery, "worker", *worker_options],
                 env,
                 os.path.join(logs, "web-worker.log"),
             )
         )
         beat = stack.enter_context(
-            _process(
+            process(
                 [*celery, "beat", "--loglevel=INFO", "--schedule", os.path.join(state_dir, "celerybeat-schedule")],
                 env,
                 os.path.join(logs, "web-beat.log"),
@@ -361,7 +349,7 @@ def run_web_demo(host: str, port: int, echo: Callable[[str], None] = click.echo)
                     raise click.ClickException(f"the worker refused the demo's plan: {refused}")
                 return session.execute(select(Plan.id).where(Plan.code == PLAN_CODE)).first() is not None
 
-        _wait(plan_ready, WORKER_START_TIMEOUT_SECONDS, "the worker to create the demo's plan")
+        wait(plan_ready, WORKER_START_TIMEOUT_SECONDS, "the worker to create the demo's plan")
         echo(f"[web] the worker created plan {PLAN_CODE} ({PLAN_AMOUNT} {PLAN_CURRENCY} a month)")
         merchant = Merchant(f"{sandbox.base_url}__sandbox/checkout", CeleryShop(shop_app, sessions))
         asyncio.run(_serve(merchant.app(), listening, echo))
