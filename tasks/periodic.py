@@ -4,8 +4,10 @@ per task in the `control` table makes a second beat's duplicate tick a cheap no-
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from typing import Any
 
@@ -166,6 +168,10 @@ def _webhook_sender() -> Any:
 DELIVERY_LOOP_SECONDS = 20.0
 # Renewed after every pass: a loop whose worker was killed blocks the next one for this long at most.
 DELIVERY_LEASE = timedelta(seconds=15)
+# Passes that run at once: while one waits on its webhooks, the other numbers, claims and records (a pass alone
+# spent about a third of its time in statements with nothing in flight). Safe to overlap: heads are claimed
+# with SKIP LOCKED and a lease, and a second sequencer skips its turn.
+OVERLAPPING_PASSES = 2
 
 
 @task(names.DELIVER_EVENTS, bind=True)
@@ -174,8 +180,9 @@ def deliver_events(self: Task) -> dict[str, Any]:
     work (up to DELIVERY_LOOP_SECONDS); at most once an hour, forget events past the retention.
 
     One loop at a time (a lease renewed after each pass and given back when the loop ends, so beat's next tick
-    starts the next loop at once); a second beat's tick, or one that finds a loop running, is a no-op. The
-    loop's own passes are safe to overlap anyway (the heads are claimed with SKIP LOCKED).
+    starts the next loop at once); a second beat's tick, or one that finds a loop running, is a no-op. Inside
+    the loop OVERLAPPING_PASSES passes run side by side (each with at most BILLING_DELIVERY_THREADS webhooks in
+    flight), which is safe: heads are claimed with SKIP LOCKED.
     """
     ctx = runtime.context()
     holder = str(self.request.id)
@@ -185,19 +192,36 @@ def deliver_events(self: Task) -> dict[str, Any]:
     totals = {"delivered": 0, "failed": 0, "passes": 0}
     deadline = time.monotonic() + DELIVERY_LOOP_SECONDS
     sender = _webhook_sender()
-    try:
-        while True:
+    lock = threading.Lock()
+    working = {"passes": OVERLAPPING_PASSES}
+
+    def passes() -> None:
+        idle = False
+        while time.monotonic() <= deadline:
             done = delivery.deliver_due(ctx, sender, threads=settings.delivery_threads)
-            totals["passes"] += 1
             leases.renew(ctx, names.DELIVER_EVENTS, holder)
-            totals["delivered"] += done["delivered"]
-            totals["failed"] += done["failed"]
-            if done["delivered"] + done["failed"] == 0:
-                if not stream.unsequenced(ctx):
-                    break
-                time.sleep(0.05)  # another sequencer holds the counter: its events are numbered in a moment
-            if time.monotonic() > deadline:
-                break
+            with lock:
+                totals["passes"] += 1
+                totals["delivered"] += done["delivered"]
+                totals["failed"] += done["failed"]
+                if done["delivered"] + done["failed"] == 0 and not idle:
+                    idle, working["passes"] = True, working["passes"] - 1
+                elif done["delivered"] + done["failed"] and idle:
+                    idle, working["passes"] = False, working["passes"] + 1
+                others_working = working["passes"] > 0
+            if idle:
+                # Nothing due for this pass: the loop ends when no pass has work and every event is numbered
+                # (another sequencer may hold the counter: its events are numbered in a moment). While the other
+                # pass sends, the heads its acknowledgements free are this pass's work.
+                if not others_working and not stream.unsequenced(ctx):
+                    return
+                time.sleep(0.05)
+
+    try:
+        with ThreadPoolExecutor(OVERLAPPING_PASSES, thread_name_prefix="delivery-pass") as pool:
+            # The first exception (a database gone) ends the loop as it did with one pass; beat starts the next.
+            for future in [pool.submit(passes) for _ in range(OVERLAPPING_PASSES)]:
+                future.result()
         if leases.acquire(ctx, "stream.purge", timedelta(hours=1), holder=holder):
             totals["purged"] = delivery.purge(ctx, retention=timedelta(days=settings.event_retention_days))
     finally:
